@@ -1,0 +1,1 @@
+"""Code shared by the notebooks, the pipeline and the model server."""

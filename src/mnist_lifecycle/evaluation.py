@@ -1,0 +1,107 @@
+"""Metrics and figures for the notebooks: computed once here, shown and logged there."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless under papermill; Jupyter's inline backend still shows figures
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from .data import NUM_CLASSES
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """counts[actual, predicted]."""
+    return np.bincount(
+        labels.astype(np.int64) * NUM_CLASSES + predictions.astype(np.int64),
+        minlength=NUM_CLASSES * NUM_CLASSES,
+    ).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
+    """Accuracy and per-class precision and recall, as DVC- and MLflow-friendly flat numbers."""
+    counts = confusion_matrix(labels, predictions)
+    correct = np.diag(counts)
+    predicted = counts.sum(axis=0)
+    actual = counts.sum(axis=1)
+    precision = np.divide(correct, predicted, out=np.zeros(NUM_CLASSES), where=predicted > 0)
+    recall = correct / actual
+    return {
+        "accuracy": float(correct.sum() / counts.sum()),
+        "errors": int(counts.sum() - correct.sum()),
+        "precision": {str(digit): round(float(p), 6) for digit, p in enumerate(precision)},
+        "recall": {str(digit): round(float(r), 6) for digit, r in enumerate(recall)},
+    }
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """{'recall': {'3': 0.99}} -> {'recall_3': 0.99}, the shape mlflow.log_metrics takes."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, prefix=f"{name}_"))
+        else:
+            flat[name] = float(value)
+    return flat
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of equal keys as CSV: the tabular form `dvc plots` reads."""
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def digit_grid(images: np.ndarray, titles: list[str], columns: int = 10) -> Figure:
+    """Images in a grid with a title under each; for samples and misclassified digits."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index < len(images):
+            axis.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
+            axis.set_title(titles[index], fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def learning_curves(history: list[dict]) -> Figure:
+    """Loss and accuracy per epoch, training against validation."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
+    loss_axis.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    accuracy_axis.plot(epochs, [row["train_accuracy"] for row in history], "o-", label="train")
+    accuracy_axis.plot(epochs, [row["val_accuracy"] for row in history], "o-", label="validation")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(counts: np.ndarray) -> Figure:
+    """Confusion matrix with a log colour scale, so that the rare errors stay visible."""
+    figure, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(np.log1p(counts), cmap="Blues")
+    for actual in range(NUM_CLASSES):
+        for predicted in range(NUM_CLASSES):
+            value = counts[actual, predicted]
+            if value:
+                dark = image.norm(np.log1p(value)) > 0.5
+                axis.text(predicted, actual, str(value), ha="center", va="center", fontsize=7,
+                          color="white" if dark else "black")
+    axis.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted",
+             ylabel="actual", title="Confusion matrix (test set)")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,108 @@
+"""Run one pipeline stage: its notebook under papermill. Each dvc.yaml stage calls this.
+
+    python -m mnist_lifecycle.stage train
+
+1. validates `params/<stage>.yaml` (a wrong type stops here, before a kernel starts);
+2. executes `notebooks/NN_<stage>.ipynb` into `data/executed/` with the parameters injected; the
+   notebook opens the stage's MLflow run itself, so it runs the same in JupyterLab;
+3. logs the executed notebook (ipynb and HTML) to that run, and marks the run FAILED if the
+   notebook failed.
+
+MLflow is imported and connected in a background thread while the kernel runs: that costs ~3 s
+which would otherwise add to every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import papermill
+
+from . import config
+
+
+def executed_path(root: Path, stage: str) -> Path:
+    return root / "data" / "executed" / f"{config.NOTEBOOKS[stage]}.ipynb"
+
+
+def _connect(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import configure
+
+    return MlflowClient(), configure(root)
+
+
+def record_notebook(connection, invocation: str, notebook: Path, failed: bool) -> str | None:
+    """Log the executed notebook to the run the notebook opened; returns that run's id."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    client, experiment_id = connection
+    runs = client.search_runs([experiment_id], f"tags.stage_invocation = '{invocation}'", max_results=1)
+    if not runs:
+        return None  # the notebook failed before it opened a run; the error says why
+    run_id = runs[0].info.run_id
+    client.log_artifact(run_id, str(notebook), "notebook")
+    html, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
+    if failed:
+        client.set_terminated(run_id, status="FAILED")
+    return run_id
+
+
+def run_stage(root: Path, stage: str, log_output: bool = True) -> str | None:
+    """Execute the stage; returns the MLflow run id, raises on failure after recording it."""
+    params = config.load(root, stage)
+    tracking_uri = config.use_default_tracking_uri(root)  # the kernel inherits the environment
+    invocation = uuid.uuid4().hex
+    os.environ[config.INVOCATION_ENV] = invocation
+    connection = ThreadPoolExecutor(max_workers=1).submit(_connect, root)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        connection.result()  # create a new database's tables first: two processes doing it race
+    output = executed_path(root, stage)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    failed = True
+    try:
+        papermill.execute_notebook(
+            str(root / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"),
+            str(output),
+            parameters=config.as_dict(params),
+            cwd=str(root),
+            log_output=log_output,
+            progress_bar=False,
+        )
+        failed = False
+    finally:
+        os.environ.pop(config.INVOCATION_ENV, None)
+        run_id = record_notebook(connection.result(), invocation, output, failed) if output.is_file() else None
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=config.STAGES)
+    parser.add_argument("--quiet", action="store_true", help="do not stream the notebook's output")
+    args = parser.parse_args(argv)
+    root = config.project_root()
+    try:
+        run_id = run_stage(root, args.stage, log_output=not args.quiet)
+    except config.ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except papermill.PapermillExecutionError as exc:
+        print(f"error: stage {args.stage} failed in notebook cell {exc.exec_count}: "
+              f"{exc.ename}: {exc.evalue}\n(executed notebook: {executed_path(root, args.stage)})",
+              file=sys.stderr)
+        return 1
+    print(f"stage {args.stage}: MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared fixtures: real MNIST from $MNIST_SOURCE_DIR, and throwaway copies of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Smoke configuration: the real data, a few thousand training images, one small epoch.
+SMOKE_TRAIN = {"epochs": 1, "max_train_samples": 3000, "width": 8, "batch_size": 64}
+
+
+@pytest.fixture(scope="session")
+def mnist_source() -> Path:
+    source = os.environ.get("MNIST_SOURCE_DIR")
+    if not source or not Path(source).is_dir():
+        pytest.fail("set MNIST_SOURCE_DIR to a directory with the four MNIST idx .gz files "
+                    "(.ci/run uses ../shared/data/mnist)")
+    return Path(source).resolve()
+
+
+def copy_project(destination: Path) -> Path:
+    """The git-tracked files of the project, in a fresh git repository of their own."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True,
+                           text=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "init", "-q"], cwd=destination, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=destination, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
+    return destination
+
+
+def set_params(project: Path, stage: str, **values) -> None:
+    path = project / "params" / f"{stage}.yaml"
+    params = yaml.safe_load(path.read_text())
+    params.update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def project_env(project: Path, mnist_source: Path, **extra: str) -> dict[str, str]:
+    """Environment for commands in a copy: its own sqlite MLflow store, the venv on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MLFLOW_") and k not in ("MNIST_PROJECT_ROOT",)}
+    env.update(MNIST_SOURCE_DIR=str(mnist_source), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
+def run(command: list[str], project: Path, env: dict[str, str], check: bool = True,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n"
+                             f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture
+def project(tmp_path, mnist_source):
+    """A fresh copy of the project with smoke training parameters; yields (path, env)."""
+    path = copy_project(tmp_path / "project")
+    set_params(path, "train", **SMOKE_TRAIN)
+    return path, project_env(path, mnist_source)

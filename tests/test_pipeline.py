@@ -1,0 +1,103 @@
+"""End to end: `dvc repro` in a copy of the project on real MNIST (smoke training parameters),
+then what MLflow and the registry hold, what DVC reruns, and how failures are reported."""
+
+import gzip
+import json
+import shutil
+
+from mlflow.tracking import MlflowClient
+
+from mnist_lifecycle import config
+
+from .conftest import run, set_params
+
+
+def client_for(project):
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def stage_runs(client, stage):
+    experiment = client.get_experiment_by_name("mnist-lifecycle")
+    return client.search_runs([experiment.experiment_id], f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time DESC"])
+
+
+def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
+    path, env = project
+    run(["dvc", "repro"], path, env)
+
+    metrics = json.loads((path / "data" / "evaluation" / "metrics.json").read_text())["test"]
+    assert 0.9 < metrics["accuracy"] <= 1.0  # 3,000 training images, one epoch of a small net
+    shown = run(["dvc", "metrics", "show", "--json"], path, env).stdout
+    assert "data/evaluation/metrics.json" in shown
+
+    client = client_for(path)
+    train_run = stage_runs(client, "train")[0]
+    for stage in config.STAGES:
+        (stage_run,) = stage_runs(client, stage)
+        assert stage_run.info.status == "FINISHED"
+        tags = stage_run.data.tags
+        assert len(tags["git_commit"]) >= 40 and tags["params_hash"] and tags["stage"] == stage
+        artifacts = {a.path for a in client.list_artifacts(stage_run.info.run_id, "notebook")}
+        assert artifacts == {f"notebook/{config.NOTEBOOKS[stage]}.ipynb",
+                             f"notebook/{config.NOTEBOOKS[stage]}.html"}
+        if stage in ("evaluate", "register"):
+            assert tags["training_run_id"] == train_run.info.run_id
+    assert int(train_run.data.params["epochs"]) == 1
+    assert "val_accuracy" in train_run.data.metrics
+    assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1
+
+    champion = client.get_model_version_by_alias("mnist-digits", "champion")
+    assert champion.run_id == train_run.info.run_id
+    assert client.get_model_version_by_alias("mnist-digits", "challenger").version == champion.version
+    assert float(champion.tags["test_accuracy"]) == metrics["accuracy"]
+    decision = json.loads((path / "data" / "registry" / "decision.json").read_text())
+    assert decision["promoted"] and decision["champion_version"] is None
+
+    lock = (path / "dvc.lock").read_text()
+    nothing = run(["dvc", "repro"], path, env)
+    assert "Data and pipelines are up to date" in nothing.stdout
+    assert (path / "dvc.lock").read_text() == lock
+
+    # A register-only parameter reruns register alone; the same model does not beat itself.
+    set_params(path, "register", min_improvement=0.001)
+    rerun = run(["dvc", "repro"], path, env).stdout
+    assert "Running stage 'register'" in rerun
+    assert "Running stage 'train'" not in rerun and "Running stage 'evaluate'" not in rerun
+    assert client.get_model_version_by_alias("mnist-digits", "champion").version == champion.version
+    challenger = client.get_model_version_by_alias("mnist-digits", "challenger")
+    assert challenger.version != champion.version and challenger.tags["promoted"] == "False"
+
+
+def test_corrupt_data_file_stops_prepare_naming_it(project, tmp_path):
+    path, env = project
+    source = tmp_path / "corrupt"
+    shutil.copytree(env["MNIST_SOURCE_DIR"], source)
+    labels = source / "t10k-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[100] = (content[100] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(content)))
+
+    result = run(["dvc", "repro", "prepare"], path, {**env, "MNIST_SOURCE_DIR": str(source)}, check=False)
+    assert result.returncode != 0
+    assert "t10k-labels-idx1-ubyte.gz: content does not match MNIST" in result.stderr
+    assert not (path / "data" / "prepared" / "test_labels.npy").exists()
+    (failed,) = stage_runs(client_for(path), "prepare")
+    assert failed.info.status == "FAILED"
+
+
+def test_missing_data_source_is_explained(project, tmp_path):
+    path, env = project
+    result = run(["python", "-m", "mnist_lifecycle.stage", "prepare", "--quiet"], path,
+                 {**env, "MNIST_SOURCE_DIR": str(tmp_path / "nowhere")}, check=False)
+    assert result.returncode == 1
+    assert "nowhere/train-images-idx3-ubyte.gz: missing" in result.stderr
+
+
+def test_wrong_parameter_type_stops_before_running(project):
+    path, env = project
+    set_params(path, "train", epochs="three")
+    result = run(["python", "-m", "mnist_lifecycle.stage", "train"], path, env, check=False)
+    assert result.returncode == 2
+    assert "train.epochs must be int, got str 'three'" in result.stderr
+    assert not (path / "mlflow.db").exists()  # nothing started, nothing logged
