@@ -46,3 +46,10 @@ def test_params_hash_is_stable_and_sensitive():
     assert config.params_hash(params) == config.params_hash(config.load(ROOT, "train"))
     changed = config.validate("train", {**config.as_dict(params), "seed": params.seed + 1})
     assert config.params_hash(changed) != config.params_hash(params)
+
+
+def test_presets_are_valid_train_parameters():
+    presets = sorted((ROOT / "params" / "presets").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        config.validate("train", yaml.safe_load(preset.read_text()))

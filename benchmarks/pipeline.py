@@ -1,0 +1,139 @@
+"""Pipeline benchmark: accuracy and training time per seed, the accurate preset, and what DVC and
+papermill add around the notebooks.
+
+    MNIST_SOURCE_DIR=../shared/data/mnist uv run python benchmarks/pipeline.py [--quick]
+
+Prints a table and writes benchmarks/results/pipeline.json. Targets (issue 2):
+- default parameters: >= 99.0% test accuracy for each of 5 seeds, <= 30 s of training each;
+- params/presets/accurate.yaml: >= 99.5% test accuracy in <= 10 minutes;
+- full `dvc repro` from clean: <= 90 s; a no-op `dvc repro`: <= 3 s;
+- papermill + DVC overhead per stage, against the same notebook code run as a plain script: <= 3 s.
+`--quick` skips the accurate preset (several minutes). Results are written down in
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mnist_lifecycle import config, data, model, training  # noqa: E402
+from tests.conftest import copy_project, project_env  # noqa: E402
+
+
+def train_and_test(prepared: Path, params: dict) -> dict:
+    """The train notebook's computation, in-process: training seconds and test accuracy."""
+    params = config.as_dict(config.validate("train", params))
+    splits = {s: [torch.from_numpy(a) for a in data.load_split(prepared, s)] for s in data.SPLITS}
+    training.seed_everything(params["seed"])
+    classifier = model.DigitClassifier(width=params["width"], dropout=params["dropout"])
+    history = training.train(
+        classifier, *splits["train"], *splits["val"], progress=False,
+        **{k: params[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
+                                  "augment_shift", "seed")},
+    )
+    classifier.eval()
+    probabilities = model.predict_probabilities(model.ProbabilityModel(classifier), splits["test"][0])
+    accuracy = (probabilities.argmax(1) == splits["test"][1].long()).float().mean().item()
+    return {"seed": params["seed"], "train_seconds": round(sum(h.seconds for h in history), 1),
+            "test_accuracy": round(accuracy, 4)}
+
+
+def timed(command: list[str], cwd: Path, env: dict) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+    return round(time.perf_counter() - started, 1)
+
+
+def as_script(project: Path, stage: str, env: dict) -> Path:
+    """The stage's notebook with its parameters injected, converted to a plain Python script."""
+    notebook = project / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"
+    injected = project / f"{stage}_injected.ipynb"
+    values = yaml.safe_load((project / "params" / f"{stage}.yaml").read_text())
+    subprocess.run(["papermill", "--prepare-only", str(notebook), str(injected), "-y", json.dumps(values)],
+                   cwd=project, env=env, check=True, capture_output=True)
+    subprocess.run(["jupyter", "nbconvert", "--to", "script", str(injected)], cwd=project, env=env,
+                   check=True, capture_output=True)
+    return injected.with_suffix(".py")
+
+
+def pipeline_timings(mnist_source: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        project = copy_project(Path(tmp) / "project")
+        env = project_env(project, mnist_source)
+        results = {"full_repro_seconds": timed(["dvc", "repro"], project, env),
+                   "noop_repro_seconds": timed(["dvc", "repro"], project, env)}
+        overhead = {}
+        for stage in config.STAGES:
+            script = as_script(project, stage, env)
+            # Alternate script and stage so that both see the same machine state.
+            plain = timed([sys.executable, str(script)], project, env)
+            staged = timed(["dvc", "repro", "--force", "--single-item", stage], project, env)
+            overhead[stage] = {"plain_script_seconds": plain, "dvc_papermill_seconds": staged,
+                               "overhead_seconds": round(staged - plain, 1)}
+        results["per_stage"] = overhead
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the accurate preset")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    mnist_source = data.resolve_source_dir("")
+    if mnist_source is None:
+        sys.exit("set MNIST_SOURCE_DIR to the directory with the four MNIST idx .gz files")
+    results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared"
+        data.fetch_raw(Path(tmp) / "raw", mnist_source)
+        data.write_prepared(prepared, data.verify_raw(Path(tmp) / "raw"), 5000, 0)
+        default = yaml.safe_load((ROOT / "params" / "train.yaml").read_text())
+        results["default_seeds"] = []
+        for seed in range(args.seeds):
+            row = train_and_test(prepared, {**default, "seed": seed})
+            print(f"default params, seed {seed}: {row}", flush=True)
+            results["default_seeds"].append(row)
+        if not args.quick:
+            accurate = yaml.safe_load((ROOT / "params" / "presets" / "accurate.yaml").read_text())
+            results["accurate_preset"] = train_and_test(prepared, accurate)
+            print(f"accurate preset: {results['accurate_preset']}", flush=True)
+
+    results["pipeline"] = pipeline_timings(mnist_source)
+    print(json.dumps(results["pipeline"], indent=2))
+
+    seeds = results["default_seeds"]
+    print("\nsummary")
+    print(f"  default, {len(seeds)} seeds: test accuracy min {min(r['test_accuracy'] for r in seeds):.4f}"
+          f" (target >= 0.99), training seconds max {max(r['train_seconds'] for r in seeds)} (target <= 30)")
+    if "accurate_preset" in results:
+        a = results["accurate_preset"]
+        print(f"  accurate preset: test accuracy {a['test_accuracy']:.4f} (target >= 0.995), "
+              f"training seconds {a['train_seconds']} (target <= 600)")
+    p = results["pipeline"]
+    print(f"  full dvc repro {p['full_repro_seconds']} s (target <= 90), no-op {p['noop_repro_seconds']} s "
+          f"(target <= 3)")
+    for stage, row in p["per_stage"].items():
+        print(f"  {stage:>8}: plain script {row['plain_script_seconds']} s, dvc + papermill "
+              f"{row['dvc_papermill_seconds']} s, overhead {row['overhead_seconds']} s (target <= 3)")
+    out = ROOT / "benchmarks" / "results" / "pipeline.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
