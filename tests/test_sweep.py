@@ -3,6 +3,8 @@ and passed over, the summary. One 4-point smoke sweep on real MNIST in a copy of
 
 import csv
 import json
+import re
+import time
 
 import pytest
 import yaml
@@ -140,3 +142,35 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
 
     again = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file)], path, env, check=False)
     assert again.returncode == 2 and "exists from an earlier run; pass --overwrite" in again.stderr
+
+
+def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
+    """The DVC route: a queued grid over params/train.yaml, run by `dvc queue start`. Only the
+    train stage is queued (prepare is reproduced first) to keep this short."""
+    path, env = project
+    run(["dvc", "repro", "prepare"], path, env)
+    queued = run(["dvc", "exp", "run", "--queue", "train", "-S", "params/train.yaml:lr=0.05,0.2"], path, env)
+    names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
+    assert len(names) == 2, queued.stdout
+    try:
+        run(["dvc", "queue", "start"], path, env)
+        deadline = time.monotonic() + 600
+        while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], path, env).stdout):
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], path, env, check=False)
+    assert status.count("Success") == 2, status
+
+    (baseline,) = json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout)[1:]
+    experiments = {e["name"]: e["revs"][0]["data"] for e in baseline["experiments"]}
+    assert sorted(experiments) == sorted(names)
+    assert sorted(e["params"]["params/train.yaml"]["data"]["lr"] for e in experiments.values()) == [0.05, 0.2]
+    for experiment in experiments.values():
+        assert 0.7 < experiment["metrics"]["data/model/metrics.json"]["data"]["val_accuracy"] <= 1.0
+    # The experiments ran in temporary copies under .dvc/tmp/exps; their MLflow runs are in the project's store.
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-lifecycle")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    assert sorted(r.data.params["lr"] for r in runs if r.info.status == "FINISHED") == ["0.05", "0.2"]
+    assert all(r.info.artifact_uri.startswith((path / "mlartifacts").as_uri()) for r in runs)
