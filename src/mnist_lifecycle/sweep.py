@@ -87,6 +87,11 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _shown(root: Path, path: Path) -> Path:
+    """A path as a user in the project root would type it."""
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 def _yaml_value(value: Any) -> str:
     """A value as YAML writes it: 1e-05 becomes 1.0e-05, which YAML reads back as a float."""
     return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
@@ -98,7 +103,7 @@ def _point_name(index: int, values: dict[str, Any]) -> str:
 
 def load_sweep(root: Path, path: Path) -> Sweep:
     """Read and check a sweep file: every name known to the notebook, every point's types valid."""
-    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    shown = _shown(root, path)
     try:
         spec = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -268,10 +273,8 @@ class Runner:
 
         status = "KILLED"
         try:
-            sweep_file = self.sweep.path.relative_to(self.root) if self.sweep.path.is_relative_to(self.root) \
-                else self.sweep.path
             self.client.log_batch(self.parent_id, params=[Param(name, str(value)) for name, value in {
-                "sweep_file": sweep_file, "points": len(self.sweep.points), "swept": ",".join(self.sweep.swept),
+                "sweep_file": _shown(self.root, self.sweep.path), "points": len(self.sweep.points), "swept": ",".join(self.sweep.swept),
                 "workers": self.workers, "threads_per_worker": self.threads, "evaluate": self.sweep.evaluate,
             }.items()])
             self.client.log_artifact(self.parent_id, str(self.sweep.path))
@@ -316,7 +319,7 @@ class Runner:
         self.client.log_artifact(self.parent_id, str(self.output / "best.yaml"))
         print(f"best point {best.point.name}: val_accuracy {best.metrics['val_accuracy']:.4f} "
               f"(MLflow run {best.run_id}); as params/train.yaml "
-              f"(cp {self.output.relative_to(self.root)}/best.yaml params/train.yaml):\n\n{best_yaml}")
+              f"(cp {_shown(self.root, self.output)}/best.yaml params/train.yaml):\n\n{best_yaml}")
 
 
 def markdown_table(rows: list[dict]) -> str:
