@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 HOST ?= 127.0.0.1
 
-.PHONY: setup pipeline test lab ui benchmark lock
+.PHONY: setup pipeline test lab ui benchmark lock sweep
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -21,6 +21,13 @@ setup: $(UV)
 # The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set.
 pipeline: setup
 	$(RUN) dvc repro
+
+# A papermill sweep over the training notebook (README, "Sweeps"): make sweep SWEEP=params/sweeps/smoke.yaml
+# WORKERS=2; SWEEP_ARGS=--overwrite reruns into the same sweeps/<name>/. Needs the prepared data only.
+SWEEP ?= params/sweeps/lr_width.yaml
+sweep: setup
+	$(RUN) dvc repro prepare
+	$(RUN) python -m mnist_lifecycle.sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)
 
 test: setup
 	$(RUN) pytest

@@ -19,6 +19,10 @@ import yaml
 PROJECT_ROOT_ENV = "MNIST_PROJECT_ROOT"
 # Set by the stage runner and tagged on the run, so that the runner finds the run its notebook opened.
 INVOCATION_ENV = "MNIST_STAGE_INVOCATION"
+# Set by the sweep runner (sweep.py) in each point's kernel: the stage's run nests under this run,
+# and the notebooks write model/ and evaluation/ there instead of data/.
+PARENT_RUN_ENV = "MNIST_PARENT_RUN_ID"
+OUTPUT_DIR_ENV = "MNIST_OUTPUT_DIR"
 STAGES = ("prepare", "train", "evaluate", "register")
 NOTEBOOKS = {stage: f"{number:02d}_{stage}" for number, stage in enumerate(STAGES, start=1)}
 
@@ -37,10 +41,26 @@ def project_root() -> Path:
     raise FileNotFoundError(f"no dvc.yaml in {here} or its parents; run from inside the project")
 
 
+def output_dir(root: Path) -> Path:
+    """Where the train and evaluate notebooks write `model/` and `evaluation/`: `data/`, or
+    $MNIST_OUTPUT_DIR for a sweep point, which must leave the pipeline's outputs alone."""
+    return Path(os.environ.get(OUTPUT_DIR_ENV) or root / "data")
+
+
+def tracking_root(root: Path) -> Path:
+    """The directory of the default MLflow store: the root, except in a queued DVC experiment.
+
+    `dvc queue start` runs each experiment in a temporary copy under .dvc/tmp/exps/ (deleted
+    afterwards) and names the repository it came from in $DVC_ROOT; plain `dvc repro` sets it to
+    the root itself.
+    """
+    return Path(os.environ.get("DVC_ROOT") or root)
+
+
 def use_default_tracking_uri(root: Path) -> str:
     """Unless $MLFLOW_TRACKING_URI names a server or database, track to `mlflow.db` in the root."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tracking_root(root) / 'mlflow.db'}"
     return os.environ["MLFLOW_TRACKING_URI"]
 
 

@@ -28,7 +28,7 @@ def configure(root: Path) -> str:
         # Against the embedded store, keep artifacts beside the database whatever the cwd;
         # a tracking server chooses (or proxies) the artifact location itself.
         local = mlflow.get_tracking_uri().startswith("sqlite:")
-        location = (root / "mlartifacts").as_uri() if local else None
+        location = (config.tracking_root(root) / "mlartifacts").as_uri() if local else None
         try:
             return mlflow.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:
@@ -64,13 +64,16 @@ def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] |
     """Start the stage's MLflow run with provenance tags and the parameters.
 
     Runs a killed process left RUNNING on this host are closed first (see close_abandoned_runs).
+    Under a sweep the run is nested (tag `mlflow.parentRunId`) in the sweep's run, named by
+    $MNIST_PARENT_RUN_ID.
     """
     experiment_id = configure(root)
     close_abandoned_runs(experiment_id)
     tags = provenance_tags(root, stage, params)
     if os.environ.get(config.INVOCATION_ENV):
         tags["stage_invocation"] = os.environ[config.INVOCATION_ENV]
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={**tags, **(extra_tags or {})})
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={**tags, **(extra_tags or {})},
+                           parent_run_id=os.environ.get(config.PARENT_RUN_ENV) or None)
     mlflow.log_params(config.as_dict(params))
     return run
 
