@@ -5,8 +5,9 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 HOST ?= 127.0.0.1
+PORT ?= 5000
 
-.PHONY: setup pipeline test lab ui benchmark lock sweep
+.PHONY: setup pipeline test lab ui server server-proxied benchmark lock sweep
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -36,7 +37,17 @@ lab: setup
 	$(RUN) jupyter lab
 
 ui: setup
-	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port 5000
+	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
+
+# The seed's tracking server on mlflow.db; clients write artifacts straight into ./artifacts on
+# their own disk, so it serves this machine only. Then: export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)
+server: setup
+	$(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./artifacts --host $(HOST) --port $(PORT)
+
+# The same with artifacts proxied: clients send them over HTTP (mlflow-artifacts:/ URIs), the
+# server stores them in ./mlartifacts. Works for clients on other machines (HOST=0.0.0.0).
+server-proxied: setup
+	$(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(HOST) --port $(PORT)
 
 benchmark: setup
 	$(RUN) python benchmarks/pipeline.py

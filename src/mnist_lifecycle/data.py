@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_path
+
 # Set this to a directory holding the four idx `.gz` files to skip the download.
 SOURCE_DIR_ENV = "MNIST_SOURCE_DIR"
 IMAGE_SIZE = 28
@@ -76,7 +78,8 @@ def fetch_raw(raw_dir: Path, source_dir: Path | None = None) -> None:
                 f"files ({', '.join(i.name + '.gz' for i in IDX_FILES)}); unset {SOURCE_DIR_ENV} "
                 "and prepare.source_dir to download them instead."
             )
-        shutil.copyfile(source, target)
+        with atomic_path(target) as temporary:
+            shutil.copyfile(source, temporary)
 
 
 def _download(target: Path) -> None:
@@ -87,7 +90,8 @@ def _download(target: Path) -> None:
     for mirror in MNIST.mirrors:
         try:
             # No md5 here: content is verified after decompression by verify_raw.
-            download_url(mirror + target.name, root=str(target.parent), filename=target.name)
+            with atomic_path(target) as temporary:
+                download_url(mirror + target.name, root=str(target.parent), filename=temporary.name)
             return
         except Exception as exc:  # noqa: BLE001 - try the next mirror, report all at the end
             errors.append(f"{mirror}: {exc}")
@@ -157,8 +161,9 @@ def write_prepared(prepared_dir: Path, arrays: dict[str, np.ndarray], val_size: 
         "test": (arrays[TEST_IMAGES.name], arrays[TEST_LABELS.name]),
     }
     for split, (images, labels) in splits.items():
-        np.save(prepared_dir / f"{split}_images.npy", np.ascontiguousarray(images))
-        np.save(prepared_dir / f"{split}_labels.npy", np.ascontiguousarray(labels))
+        for kind, array in (("images", images), ("labels", labels)):
+            with atomic_path(prepared_dir / f"{split}_{kind}.npy") as temporary:
+                np.save(temporary, np.ascontiguousarray(array))
 
 
 def load_split(prepared_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .data import NUM_CLASSES
+from .outputs import atomic_path
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
@@ -53,11 +54,17 @@ def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows of equal keys as CSV: the tabular form `dvc plots` reads."""
-    with path.open("w", newline="") as stream:
+    """Rows of equal keys as CSV: the tabular form `dvc plots` reads. Written whole or not at all."""
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """A figure as an image file (format from the suffix), written whole or not at all."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100)
 
 
 def digit_grid(images: np.ndarray, titles: list[str], columns: int = 10) -> Figure:

@@ -3,8 +3,9 @@
     python -m mnist_lifecycle.stage train
 
 1. validates `params/<stage>.yaml` (a wrong type stops here, before a kernel starts);
-2. executes `notebooks/NN_<stage>.ipynb` into `data/executed/` with the parameters injected; the
-   notebook opens the stage's MLflow run itself, so it runs the same in JupyterLab;
+2. executes `notebooks/NN_<stage>.ipynb` into `data/executed/` (under a temporary name until it
+   ends) with the parameters injected; the notebook opens the stage's MLflow run itself, so it
+   runs the same in JupyterLab;
 3. logs the executed notebook (ipynb and HTML) to that run, and marks the run FAILED if the
    notebook failed.
 
@@ -22,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import papermill
+from nbclient.exceptions import DeadKernelError
 
-from . import config
+from . import config, outputs
 
 
 def executed_path(root: Path, stage: str) -> Path:
@@ -35,7 +37,8 @@ def _connect(root: Path):
 
     from .tracking import configure
 
-    return MlflowClient(), configure(root)
+    experiment_id = configure(root)  # first: a client opens the store, which configure guards
+    return MlflowClient(), experiment_id
 
 
 def record_notebook(connection, invocation: str, notebook: Path, failed: bool) -> str | None:
@@ -59,19 +62,21 @@ def record_notebook(connection, invocation: str, notebook: Path, failed: bool) -
 def run_stage(root: Path, stage: str, log_output: bool = True) -> str | None:
     """Execute the stage; returns the MLflow run id, raises on failure after recording it."""
     params = config.load(root, stage)
-    tracking_uri = config.use_default_tracking_uri(root)  # the kernel inherits the environment
+    config.use_default_tracking_uri(root)  # the kernel inherits the environment
     invocation = uuid.uuid4().hex
     os.environ[config.INVOCATION_ENV] = invocation
+    # The kernel opens the store too; tracking.configure keeps two openings of a new sqlite file apart.
     connection = ThreadPoolExecutor(max_workers=1).submit(_connect, root)
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        connection.result()  # create a new database's tables first: two processes doing it race
     output = executed_path(root, stage)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # papermill rewrites the notebook after every cell: under a temporary name, so that a kill -9
+    # of this process never leaves a truncated notebook where the stage's output belongs.
+    partial = outputs.partial_path(output)
     failed = True
     try:
         papermill.execute_notebook(
             str(root / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"),
-            str(output),
+            str(partial),
             parameters=config.as_dict(params),
             cwd=str(root),
             log_output=log_output,
@@ -80,6 +85,8 @@ def run_stage(root: Path, stage: str, log_output: bool = True) -> str | None:
         failed = False
     finally:
         os.environ.pop(config.INVOCATION_ENV, None)
+        if partial.is_file():  # whole: executed to the end, or to where it failed
+            os.replace(partial, output)
         run_id = record_notebook(connection.result(), invocation, output, failed) if output.is_file() else None
     return run_id
 
@@ -99,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: stage {args.stage} failed in notebook cell {exc.exec_count}: "
               f"{exc.ename}: {exc.evalue}\n(executed notebook: {executed_path(root, args.stage)})",
               file=sys.stderr)
+        return 1
+    except DeadKernelError:
+        print(f"error: stage {args.stage}: the kernel died (killed, or out of memory); its MLflow run is "
+              f"marked FAILED\n(executed notebook: {executed_path(root, args.stage)})", file=sys.stderr)
         return 1
     print(f"stage {args.stage}: MLflow run {run_id}")
     return 0

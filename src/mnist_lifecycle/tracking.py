@@ -6,9 +6,13 @@ Tracking defaults to an embedded sqlite database (`mlflow.db`) with local artifa
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
+import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -19,11 +23,41 @@ from . import config
 EXPERIMENT_NAME = "mnist-lifecycle"  # overridden by $MLFLOW_EXPERIMENT_NAME, as in MLflow itself
 
 
+def sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of an `sqlite:///` tracking URI (None for anything else)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def sqlite_store_opening(tracking_uri: str) -> Iterator[None]:
+    """Around a process's first use of an sqlite file store: one process at a time, WAL mode.
+
+    MLflow creates a new database's tables without a lock: processes opening a new file together
+    fail ("table ... already exists"). The exclusive lock on `<db>.lock` (same host only, like
+    sqlite itself) serializes that. Write-ahead logging, a persistent property of the file, lets
+    readers run beside the one writer and commits with one sync instead of several: concurrent
+    writers wait less on MLflow's 20 s busy timeout. Nothing happens for other URIs.
+    """
+    path = sqlite_file(tracking_uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+        yield
+
+
 def configure(root: Path) -> str:
     """Point MLflow at the tracking store and experiment; returns the experiment id."""
-    config.use_default_tracking_uri(root)
+    tracking_uri = config.use_default_tracking_uri(root)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT_NAME)
-    experiment = mlflow.get_experiment_by_name(name)
+    with sqlite_store_opening(tracking_uri):
+        experiment = mlflow.get_experiment_by_name(name)  # opens the store: creates a new one's tables
     if experiment is None:
         # Against the embedded store, keep artifacts beside the database whatever the cwd;
         # a tracking server chooses (or proxies) the artifact location itself.
