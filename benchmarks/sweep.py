@@ -59,33 +59,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", type=Path, default=ROOT / "params" / "sweeps" / "lr_width.yaml")
     parser.add_argument("--epochs", type=int, help="override the epochs of every point (a shorter sweep)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, in alternating order (default 2)")
     args = parser.parse_args()
     spec = yaml.safe_load(args.sweep.read_text())
     if args.epochs:
         spec["fixed"] = {**(spec.get("fixed") or {}), "epochs": args.epochs}
-    single = {"fixed": spec.get("fixed") or {}, "points": [{"seed": 0}]}  # params/train.yaml as it is
     cores = len(os.sched_getaffinity(0))
+    configurations = {  # name: (sweep, workers, threads per worker)
+        "single": ({"fixed": spec.get("fixed") or {}, "points": [{"seed": 0}]}, 1, cores),  # params/train.yaml
+        "1 worker": (spec, 1, cores),
+        "2 workers": (spec, 2, max(1, cores // 2)),
+    }
     print(f"{args.sweep.name}{f', epochs {args.epochs}' if args.epochs else ''}; {cores} cores", flush=True)
+    times = {name: [] for name in configurations}
+    accuracy = {}
     with tempfile.TemporaryDirectory(prefix="sweep-benchmark-") as scratch:
-        scratch = Path(scratch)
-        one, _ = timed_sweep(single, "single", 1, cores, scratch)
-        print(f"single point                     {one:7.1f} s", flush=True)
-        sequential, rows = timed_sweep(spec, "workers1", 1, cores, scratch)
-        points = len(rows)
-        print(f"{points} points, 1 worker  x {cores} threads  {sequential:7.1f} s"
-              f"  ({points} x single = {points * one:.1f} s)", flush=True)
-        parallel, rows2 = timed_sweep(spec, "workers2", 2, max(1, cores // 2), scratch)
-        print(f"{points} points, 2 workers x {max(1, cores // 2)} thread   {parallel:7.1f} s", flush=True)
-    print(f"speed-up of 2 workers over 1: {sequential / parallel:.2f}x "
-          f"(parallel efficiency {sequential / parallel / 2:.0%})")
-    print(f"{points} x single / 2 workers: {points * one / parallel:.2f}x; "
-          f"{points} x single / 1 worker: {points * one / sequential:.2f}x")
-    # Same points, same seeds: the accuracy must not depend on how the sweep was scheduled.
-    accuracy = {row["point"]: float(row["val_accuracy"]) for row in rows}
-    accuracy2 = {row["point"]: float(row["val_accuracy"]) for row in rows2}
-    worst = max(abs(accuracy[p] - accuracy2[p]) for p in accuracy)
-    print(f"best point {rows[0]['point']} val_accuracy {float(rows[0]['val_accuracy']):.4f}; "
-          f"largest val_accuracy difference between the two runs of a point: {worst:.4f}")
+        for round_ in range(args.rounds):
+            # Alternate the order (ABC, CBA, ...) so a slow spell of the shared CPU hits all alike.
+            order = list(configurations) if round_ % 2 == 0 else list(reversed(configurations))
+            for name in order:
+                sweep, workers, threads = configurations[name]
+                load = os.getloadavg()[0]
+                seconds, rows = timed_sweep(sweep, f"{name.replace(' ', '')}-{round_}", workers, threads, Path(scratch))
+                times[name].append(seconds)
+                accuracy[name] = {row["point"]: float(row["val_accuracy"]) for row in rows}
+                print(f"round {round_ + 1}: {name:9} {workers} x {threads} thread(s), {len(rows)} point(s): "
+                      f"{seconds:7.1f} s  (load average before: {load:.1f})", flush=True)
+    points = len(accuracy["1 worker"])
+    best = {name: min(values) for name, values in times.items()}  # the least disturbed run
+    print(f"\nbest of {args.rounds}: single {best['single']:.1f} s; {points} x single {points * best['single']:.1f} s; "
+          f"1 worker {best['1 worker']:.1f} s; 2 workers {best['2 workers']:.1f} s")
+    print(f"2 workers against 1 worker: {best['1 worker'] / best['2 workers']:.2f}x faster "
+          f"(parallel efficiency {best['1 worker'] / best['2 workers'] / 2:.0%})")
+    print(f"2 workers against {points} x single: {points * best['single'] / best['2 workers']:.2f}x faster "
+          f"(parallel efficiency {points * best['single'] / best['2 workers'] / 2:.0%}); "
+          f"1 worker against {points} x single: {points * best['single'] / best['1 worker']:.2f}x")
+    # Same points, same seeds: only the torch thread count differs between the two schedules.
+    worst = max(abs(accuracy["1 worker"][p] - accuracy["2 workers"][p]) for p in accuracy["1 worker"])
+    top = max(accuracy["2 workers"], key=accuracy["2 workers"].get)
+    print(f"best point {top}: val_accuracy {accuracy['2 workers'][top]:.4f}; largest difference of a point's "
+          f"val_accuracy between 2 threads and 1: {worst:.4f}")
 
 
 if __name__ == "__main__":
