@@ -59,8 +59,7 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class Point:
-    name: str  # also its directory: index, then the values it sets, e.g. 03_lr=0.2_width=8
-    values: dict[str, Any]  # what the point sets itself (grid or points entry)
+    name: str  # also its directory: index, then the values it sets itself, e.g. 03_lr=0.2_width=8
     params: config.TrainParams  # everything the notebook gets
 
 
@@ -144,7 +143,7 @@ def load_sweep(root: Path, path: Path) -> Sweep:
             params = config.validate("train", {**base, **fixed, **values})
         except config.ParamsError as exc:
             raise SweepError(f"{shown}: point {name}: {exc}") from exc
-        points.append(Point(name, values, params))
+        points.append(Point(name, params))
     swept = [name for name in takes if len({getattr(p.params, name) for p in points}) > 1]
     return Sweep(path.stem, path, points, swept, evaluate)
 
@@ -273,10 +272,10 @@ class Runner:
 
         status = "KILLED"
         try:
-            self.client.log_batch(self.parent_id, params=[Param(name, str(value)) for name, value in {
-                "sweep_file": _shown(self.root, self.sweep.path), "points": len(self.sweep.points), "swept": ",".join(self.sweep.swept),
-                "workers": self.workers, "threads_per_worker": self.threads, "evaluate": self.sweep.evaluate,
-            }.items()])
+            params = {"sweep_file": _shown(self.root, self.sweep.path), "points": len(self.sweep.points),
+                      "swept": ",".join(self.sweep.swept), "workers": self.workers,
+                      "threads_per_worker": self.threads, "evaluate": self.sweep.evaluate}
+            self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in params.items()])
             self.client.log_artifact(self.parent_id, str(self.sweep.path))
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 outcomes = list(pool.map(self.run_point, self.sweep.points))
@@ -373,11 +372,17 @@ def summary_figure(title: str, outcomes: list[Outcome], swept: list[str]):
     return figure
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_file", type=Path)
-    parser.add_argument("--workers", type=int, help="points run at once (default: one per CPU, at most one per point)")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: CPUs // workers)")
+    parser.add_argument("--workers", type=_positive, help="points run at once (default: one per CPU, at most one per point)")
+    parser.add_argument("--threads", type=_positive, help="torch threads per worker (default: CPUs // workers)")
     parser.add_argument("--output", type=Path, help="where the points go (default: sweeps/<sweep name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output of an earlier run")
     args = parser.parse_args(argv)
@@ -386,22 +391,19 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(root, args.sweep_file.resolve())
         workers = args.workers or min(available_cpus(), len(sweep.points))
         threads = args.threads or max(1, available_cpus() // workers)
-        if workers < 1 or threads < 1:
-            raise SweepError("--workers and --threads must be at least 1")
         if not (root / "data" / "prepared" / "train_images.npy").is_file():
             raise SweepError("no prepared data in data/prepared: run `uv run dvc repro prepare` first")
         output = (args.output or root / "sweeps" / sweep.name).resolve()
-        if output.exists():
-            if not args.overwrite:
-                raise SweepError(f"{output} exists from an earlier run; pass --overwrite to replace it")
-            shutil.rmtree(output)
-        output.mkdir(parents=True)
+        if output.exists() and not args.overwrite:
+            raise SweepError(f"{output} exists from an earlier run; pass --overwrite to replace it")
     except (SweepError, config.ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"sweep {sweep.name}: {len(sweep.points)} points, {workers} worker(s) x {threads} torch thread(s), "
           f"into {output}", flush=True)
     runner = Runner(root, sweep, output, workers, threads)
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
     print(f"MLflow run {runner.parent_id} in {runner.tracking_uri}", flush=True)
     outcomes = runner.run()
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
