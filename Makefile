@@ -6,8 +6,12 @@ UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 RUN := $(UV) run --frozen
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# The model the serving targets use: a registered alias by default (also read by the server as $MODEL_URI).
+MODEL_URI ?= models:/mnist-digits@champion
+MODEL_DIR ?= serving/model
+IMAGE ?= mnist-serving
 
-.PHONY: setup pipeline test lab ui server server-proxied benchmark lock sweep
+.PHONY: setup pipeline test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -52,7 +56,30 @@ server-proxied: setup
 benchmark: setup
 	$(RUN) python benchmarks/pipeline.py
 
+# The model server: POST /predict and MLflow's routes on http://$(HOST):9201 (see README, "Serving").
+serve: setup
+	$(RUN) python -m mnist_lifecycle.serving --model-uri '$(MODEL_URI)' --host $(HOST)
+
+# The model as a plain directory (what serving/Dockerfile copies into the image). The tracking store
+# is $MLFLOW_TRACKING_URI, else the pipeline's mlflow.db.
+export-model: setup
+	rm -rf $(MODEL_DIR)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+		$(RUN) mlflow artifacts download --artifact-uri $(MODEL_URI) --dst-path $(MODEL_DIR)
+
+docker-build: export-model
+	docker build -f serving/Dockerfile -t $(IMAGE) .
+
+benchmark-serving: setup
+	$(RUN) python benchmarks/serving.py
+
+# Left out of serving/requirements.txt: serving/Dockerfile installs torch's CPU-only build.
+SERVING_EXCLUDED = $(foreach p,$(shell grep -oE '^name = "(torch|triton|cuda-[a-z-]+|nvidia-[a-z0-9-]+)"' uv.lock \
+	| cut -d'"' -f2),--no-emit-package $(p))
+
 # After changing dependencies in pyproject.toml: relock, and re-export for pip/conda users.
 lock: $(UV)
 	$(UV) lock
 	$(UV) export --frozen --no-hashes --no-dev --no-emit-project -q -o requirements.lock
+	$(UV) export --frozen --no-hashes --only-group serving --no-emit-project -q $(SERVING_EXCLUDED) \
+		-o serving/requirements.txt

@@ -81,12 +81,17 @@ def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: in
 
 
 def model_signature():
-    """Grey levels in (float32 N x 28 x 28), class probabilities out (float32 N x 10)."""
+    """Grey levels in (float32 N x 28 x 28), class probabilities out (float32 N x 10).
+
+    The input tensor is unnamed: MLflow turns an array sent to a model with one *named* input into
+    a dict, which the pytorch flavor refuses, and `mlflow models serve` would answer every
+    request with an error.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE), "pixels")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES), "probabilities")]),
     )
 

@@ -1,0 +1,376 @@
+"""The model server: MLflow's scoring server with `POST /predict` beside its own routes.
+
+    python -m mnist_lifecycle.serving [--model-uri URI] [--host H] [--port 9201]
+
+MLflow's app (`mlflow.pyfunc.scoring_server.init`) keeps `/invocations`, `/ping`, `/health` and
+`/version` exactly as `mlflow models serve` has them; `/predict` is added to that app. It takes
+`{"image": ...}`: one 28x28 image as nested lists, one flat list of 784 values, or a batch of
+either, grey levels 0-255 (0-1 floats are NOT rescaled: they are read as near-black pixels). It
+answers the predicted digit(s) and the class probabilities. Preprocessing is inside the logged
+model (`model.ProbabilityModel`), so /predict hands it the grey levels as float32, as training
+and evaluation did. Every malformed request gets a 4xx JSON error saying what is wrong:
+`{"error_code": ..., "message": ...}`.
+
+/predict is built for speed: the raw body parsed by orjson, numpy checks instead of per-request
+pydantic models, and the torch module called directly under `torch.inference_mode` instead of
+going through `pyfunc.predict` and pandas (see benchmarks/serving.py for the numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+from fastapi import Request
+from fastapi.responses import Response
+
+from . import config
+from .data import IMAGE_SIZE, NUM_CLASSES
+
+DEFAULT_MODEL_URI = "models:/mnist-digits@champion"
+DEFAULT_PORT = 9201
+MODEL_URI_ENV = "MODEL_URI"
+HOST_ENV = "MNIST_SERVING_HOST"
+PORT_ENV = "MNIST_SERVING_PORT"
+WORKERS_ENV = "MNIST_SERVING_WORKERS"
+THREADS_ENV = "MNIST_SERVING_THREADS"  # torch intra-op threads per worker process
+PIXELS = IMAGE_SIZE * IMAGE_SIZE
+MAX_BATCH = 1024  # images per request
+# A full batch of 0-255 integers is about 3 MB of JSON; 16 MiB leaves room for long float
+# literals ("127.49803924560547") and whitespace, and still bounds what one request can make us hold.
+MAX_BODY_BYTES = 16 * 2**20
+
+
+PREDICT_DESCRIPTION = (
+    "Predicts the digit in one or more 28x28 grey-level images (0-255, MNIST's polarity: white "
+    "ink on black). Preprocessing is the training preprocessing, inside the logged model. "
+    "Errors are 4xx JSON objects {error_code, message}."
+)
+
+
+class InputError(ValueError):
+    """A request /predict cannot answer: the HTTP status and a message saying what is wrong."""
+
+    def __init__(self, status: int, error_code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error_code": self.error_code, "message": self.message})
+
+
+def _invalid(message: str) -> InputError:
+    return InputError(422, "INVALID_INPUT", message)
+
+
+def check_content_type(content_type: str | None) -> None:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise InputError(415, "UNSUPPORTED_MEDIA_TYPE",
+                         "Content-Type must be application/json, got "
+                         + (repr(content_type) if content_type else "no Content-Type"))
+
+
+def check_declared_length(content_length: str | None) -> None:
+    """Refuse a body announced as too large before reading it."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > MAX_BODY_BYTES:
+        raise body_too_large(int(content_length))
+
+
+def body_too_large(size: int) -> InputError:
+    return InputError(413, "BODY_TOO_LARGE", f"body of {size} bytes exceeds the limit of "
+                      f"{MAX_BODY_BYTES} bytes; send at most {MAX_BATCH} images per request")
+
+
+def _describe(value) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"a string ({value[:20]!r})"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return repr(value)
+
+
+def _find_malformed(value, path: str = "image", depth: int = 0) -> str | None:
+    """Where a nested list is not a rectangular array of numbers: the first culprit, or None.
+
+    Only called once numpy has refused the input (or let booleans through as integers), to turn
+    "inhomogeneous shape" into a message naming the element.
+    """
+    if not isinstance(value, list):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        return f"{path} is {_describe(value)}, expected a number from 0 to 255"
+    if depth == 3:  # batch, rows, columns: deeper is wrong, and must not exhaust the stack
+        return f"{path} is {_describe(value)}, expected a number: images nest at most 3 lists deep"
+    if not value:
+        return f"{path} is an empty list"
+    first_is_list = isinstance(value[0], list)
+    for index, item in enumerate(value):
+        if isinstance(item, list) != first_is_list or (
+            first_is_list and len(item) != len(value[0])
+        ):
+            return (f"{path}[{index}] is {_describe(item)} but {path}[0] is {_describe(value[0])}: "
+                    "rows must all be lists of the same length, or all numbers")
+        problem = _find_malformed(item, f"{path}[{index}]", depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def parse_images(body: bytes) -> tuple[np.ndarray, bool]:
+    """A /predict body -> (float32 N x 28 x 28 grey levels, whether the request was a batch).
+
+    Raises InputError (400 for invalid JSON, 422 for JSON that breaks the contract).
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InputError(400, "INVALID_JSON", f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise _invalid(f'body must be a JSON object {{"image": ...}}, got {_describe(payload)}')
+    if "image" not in payload:
+        raise _invalid(f'body must have the key "image" (grey levels 0-255 of one 28x28 image or a '
+                       f"batch), got keys {sorted(payload)}")
+    if len(payload) > 1:
+        raise _invalid(f'unexpected key(s) {sorted(set(payload) - {"image"})}: only "image" is accepted')
+    image = payload["image"]
+    if not isinstance(image, list):
+        raise _invalid(f"image must be a list (nested lists of grey levels), got {_describe(image)}")
+    try:
+        array = np.array(image)
+    except (ValueError, OverflowError):
+        array = None
+    # numpy reads [1, true] as integers: booleans can only appear in the body as JSON literals,
+    # since the one key is "image" and strings would have made the array a string array.
+    if array is None or array.dtype.kind not in "iuf" or b"true" in body or b"false" in body:
+        raise _invalid(_find_malformed(image) or "image must be nested lists of numbers")
+
+    if array.ndim == 1 and array.shape[0] == PIXELS or array.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        batched = False
+    elif array.ndim == 2 and array.shape[1] == PIXELS or (
+        array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
+    ):
+        batched = True
+    elif array.size == 0:
+        raise _invalid(_find_malformed(image) or "image is empty")
+    else:
+        raise _invalid(
+            f"image has shape {' x '.join(map(str, array.shape))}; expected one image "
+            f"({IMAGE_SIZE} x {IMAGE_SIZE} nested lists, or a flat list of {PIXELS}) or a batch of "
+            f"either (N x {IMAGE_SIZE} x {IMAGE_SIZE} or N x {PIXELS})"
+        )
+    if batched and len(array) > MAX_BATCH:
+        raise _invalid(f"batch of {len(array)} images exceeds the maximum of {MAX_BATCH} per request")
+
+    pixels = array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32)
+    outside = (array < 0) | (array > 255)
+    if outside.any():
+        where = "".join(f"[{i}]" for i in np.argwhere(outside)[0])
+        raise _invalid(f"image{where} = {array[tuple(np.argwhere(outside)[0])]} is outside 0-255: "
+                       "send grey levels 0-255 (0-1 values are not rescaled)")
+    return pixels, batched
+
+
+def encode_prediction(probabilities: np.ndarray, batched: bool) -> bytes:
+    """N x 10 probabilities -> the /predict response body."""
+    digits = probabilities.argmax(axis=1)
+    if batched:
+        result = {"digits": digits, "probabilities": probabilities}
+    else:
+        result = {"digit": int(digits[0]), "probabilities": probabilities[0]}
+    return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _pixel_schema() -> dict:
+    return {"type": "number", "minimum": 0, "maximum": 255}
+
+
+def _image_schemas() -> tuple[dict, dict]:
+    pixel = _pixel_schema()
+    square = {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE,
+              "items": {"type": "array", "minItems": IMAGE_SIZE, "maxItems": IMAGE_SIZE, "items": pixel}}
+    flat = {"type": "array", "minItems": PIXELS, "maxItems": PIXELS, "items": pixel}
+    return square, flat
+
+
+def openapi_request() -> dict:
+    """The /predict request body, as published in the server's OpenAPI schema."""
+    square, flat = _image_schemas()
+    batch = {"type": "array", "minItems": 1, "maxItems": MAX_BATCH}
+    image = {
+        "description": (
+            f"Grey levels 0-255 (0 = black background, 255 = white ink, as in MNIST), row by row. "
+            f"0-1 floats are not detected nor rescaled. One image ({IMAGE_SIZE}x{IMAGE_SIZE} nested "
+            f"lists or a flat list of {PIXELS}) or a batch of 1 to {MAX_BATCH} of either. "
+            f"Bodies above {MAX_BODY_BYTES} bytes are refused."
+        ),
+        "oneOf": [
+            {"title": "one image, 28x28", **square},
+            {"title": "one image, flat", **flat},
+            {"title": "batch of 28x28 images", **batch, "items": square},
+            {"title": "batch of flat images", **batch, "items": flat},
+        ],
+    }
+    schema = {"type": "object", "required": ["image"], "additionalProperties": False,
+              "properties": {"image": image}}
+    return {"required": True, "content": {"application/json": {
+        "schema": schema, "example": {"image": [0] * PIXELS}}}}
+
+
+def openapi_responses() -> dict:
+    probabilities = {"type": "array", "minItems": NUM_CLASSES, "maxItems": NUM_CLASSES,
+                     "items": {"type": "number", "minimum": 0, "maximum": 1},
+                     "description": "probability of each digit 0-9; they sum to 1"}
+    digit = {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1}
+    single = {"title": "one image", "type": "object", "required": ["digit", "probabilities"],
+              "properties": {"digit": digit, "probabilities": probabilities}}
+    batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities"],
+             "properties": {"digits": {"type": "array", "items": digit},
+                            "probabilities": {"type": "array", "items": probabilities}}}
+    error = {"content": {"application/json": {"schema": {
+        "type": "object", "required": ["error_code", "message"],
+        "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}}}}}}
+    return {
+        "200": {"description": "the predicted digit(s) and class probabilities",
+                "content": {"application/json": {"schema": {"oneOf": [single, batch]}}}},
+        "400": {"description": "the body is not valid JSON", **error},
+        "413": {"description": f"the body exceeds {MAX_BODY_BYTES} bytes", **error},
+        "415": {"description": "Content-Type is not application/json", **error},
+        "422": {"description": "valid JSON that breaks the contract: missing or extra key, shape, "
+                               f"non-numbers, values outside 0-255, more than {MAX_BATCH} images",
+                **error},
+    }
+
+
+def resolve_tracking_uri() -> str | None:
+    """The pipeline's tracking store: $MLFLOW_TRACKING_URI, else mlflow.db of the project around cwd.
+
+    Outside a project (the Docker image, which serves a local model directory) nothing is set.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        return config.use_default_tracking_uri(config.project_root())
+    except FileNotFoundError:
+        return None
+
+
+class PredictFirst:
+    """The ASGI app served: POST /predict straight to its endpoint, all else to MLflow's app.
+
+    MLflow's app runs every request through its per-request timeout middleware (a Starlette
+    BaseHTTPMiddleware), which costs more than all of /predict's own work: benchmarks/serving.py
+    measured /predict at about half the throughput through it. /predict is bounded by its body and
+    batch limits instead. The route is registered in MLflow's app as well, which publishes it in
+    /openapi.json and answers it the same way when that app is served on its own (`.app`).
+    """
+
+    def __init__(self, app, predict):
+        self.app = app
+        self.predict = predict
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
+            response = await self.predict(Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def create_app(model_uri: str | None = None, threads: int | None = None) -> PredictFirst:
+    """MLflow's scoring app for the model, with POST /predict added to it.
+
+    Arguments default to $MODEL_URI and $MNIST_SERVING_THREADS (how uvicorn's worker processes,
+    which call this as a factory, get them).
+    """
+    import mlflow.pyfunc
+    import torch
+    from mlflow.pyfunc import scoring_server
+
+    model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
+    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
+    resolve_tracking_uri()
+    pyfunc_model = mlflow.pyfunc.load_model(model_uri)
+    module = pyfunc_model.get_raw_model()  # the ProbabilityModel, as a torch.export GraphModule
+    app = scoring_server.init(pyfunc_model)
+
+    async def predict(request: Request) -> Response:
+        try:
+            check_content_type(request.headers.get("content-type"))
+            check_declared_length(request.headers.get("content-length"))
+            chunks, size = [], 0
+            async for chunk in request.stream():  # bounded even without a Content-Length
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise body_too_large(size)
+                chunks.append(chunk)
+            pixels, batched = parse_images(b"".join(chunks))
+        except InputError as error:
+            return Response(error.body(), status_code=error.status, media_type="application/json")
+        # A forward pass takes about a millisecond: running it on the event loop is cheaper than
+        # handing it to a thread.
+        with torch.inference_mode():
+            probabilities = module(torch.from_numpy(pixels)).numpy()
+        return Response(encode_prediction(probabilities, batched), media_type="application/json")
+
+    app.add_api_route(
+        "/predict", predict, methods=["POST"], summary="Classify handwritten digits",
+        description=PREDICT_DESCRIPTION, response_class=Response,
+        openapi_extra={"requestBody": openapi_request(), "responses": openapi_responses()},
+    )
+    app.state.model_uri = model_uri
+    return PredictFirst(app, predict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options, each defaulting to an environment variable (how the Docker image sets them)."""
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_lifecycle.serving",
+        description="Serve a registered digit classifier: POST /predict beside MLflow's routes.")
+    parser.add_argument("--model-uri", default=env(MODEL_URI_ENV, DEFAULT_MODEL_URI),
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local "
+                             f"model directory (${MODEL_URI_ENV}; default %(default)s)")
+    parser.add_argument("--host", default=env(HOST_ENV, "127.0.0.1"),
+                        help=f"address to bind (${HOST_ENV}; default %(default)s). The server has no "
+                             "authentication: keep it behind the network boundary")
+    parser.add_argument("--port", type=int, default=int(env(PORT_ENV, DEFAULT_PORT)),
+                        help=f"(${PORT_ENV}; default %(default)s)")
+    parser.add_argument("--workers", type=int, default=int(env(WORKERS_ENV, "1")),
+                        help=f"worker processes (${WORKERS_ENV}; default %(default)s)")
+    parser.add_argument("--threads", type=int, default=int(env(THREADS_ENV, "1")),
+                        help=f"torch threads per worker (${THREADS_ENV}; default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args = parse_args(argv)
+    # Worker processes build the app from the environment (uvicorn factory).
+    os.environ[MODEL_URI_ENV] = args.model_uri
+    os.environ[THREADS_ENV] = str(args.threads)
+    tracking_uri = resolve_tracking_uri()
+    if Path(args.model_uri).exists():
+        args.model_uri = str(Path(args.model_uri).resolve())
+        os.environ[MODEL_URI_ENV] = args.model_uri
+    print(f"serving {args.model_uri} (tracking {tracking_uri or 'unset'}) on http://{args.host}:{args.port}",
+          file=sys.stderr)
+    uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The model server, run for real on loopback: /predict on real MNIST test images, bad input,
+MLflow's own `mlflow models serve` on the same registered model, and the Docker image's entrypoint
+serving an exported model directory.
+
+The served model is a small one trained here on real MNIST and registered as
+`models:/mnist-digits@champion` in a throwaway tracking store, like the pipeline's champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+from mnist_lifecycle import data, model, registry, serving, training
+
+from .conftest import ROOT, VENV_BIN
+
+TEST_IMAGES = 1200
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running(command: list[str], port: int, env: dict[str, str], cwd: Path, log: Path, timeout: float = 240):
+    """A server process, yielded once /ping answers (bounded wait); stopped afterwards."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{' '.join(command)} exited {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{' '.join(command)} did not answer /ping in {timeout} s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.3)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MODEL_URI", "MNIST_SERVING"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_source):
+    """(train images, train labels, test images, test labels) read from the real idx files."""
+    return tuple(data.read_idx(mnist_source / f"{idx.name}.gz").copy() for idx in data.IDX_FILES)
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, mnist):
+    """A tracking store whose mnist-digits@champion is a small model trained on real MNIST.
+
+    Yields (tracking URI, in-process probabilities of that logged model on the test images).
+    """
+    train_images, train_labels, test_images, test_labels = mnist
+    store = tmp_path_factory.mktemp("tracking")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    images, labels = (torch.from_numpy(a[:4000]) for a in (train_images, train_labels))
+    training.seed_everything(0)
+    classifier = model.DigitClassifier(width=8)
+    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64,
+                   lr=0.1, weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=0, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mlflow.set_experiment("serving-test")  # artifacts beside the database, in the temp dir
+        with mlflow.start_run():
+            info = model.log_classifier(model.ProbabilityModel(classifier.eval()), train_images[:5])
+        # Scored as the evaluate notebook scores it: the logged model, loaded back.
+        logged = mlflow.pytorch.load_model(info.model_uri)
+        probabilities = model.predict_probabilities(logged, torch.from_numpy(test_images[:TEST_IMAGES])).numpy()
+        accuracy = float((probabilities.argmax(1) == test_labels[:TEST_IMAGES]).mean())
+        registry.register_and_decide("mnist-digits", info.model_uri, accuracy, None, None, 0.0, {})
+    mlflow.set_tracking_uri(None)
+    assert accuracy > 0.85  # 4,000 images, one epoch: a real classifier, far above chance
+    return tracking_uri, probabilities
+
+
+@pytest.fixture(scope="module")
+def server(champion, tmp_path_factory):
+    """`python -m mnist_lifecycle.serving` with its default model URI, on a free port."""
+    tracking_uri, _ = champion
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port)]
+    with running(command, port, clean_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, log) as process:
+        yield f"http://127.0.0.1:{port}", process
+
+
+def predict(session: requests.Session, url: str, image) -> dict:
+    response = session.post(f"{url}/predict", json={"image": image})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_predict_answers_real_test_images_as_the_model_does_in_process(server, champion, mnist):
+    url, _ = server
+    _, probabilities = champion
+    test_images, test_labels = mnist[2][:TEST_IMAGES], mnist[3][:TEST_IMAGES]
+    with requests.Session() as session:  # keep-alive, like a real client
+        answers = [predict(session, url, image.tolist()) for image in test_images]
+        # The same images again as batches, flat and 28x28.
+        flat = predict(session, url, test_images[:600].reshape(600, -1).tolist())
+        square = predict(session, url, test_images[600:].tolist())
+    digits = np.array([answer["digit"] for answer in answers])
+    assert np.array_equal(digits, probabilities.argmax(1))
+    assert np.allclose([answer["probabilities"] for answer in answers], probabilities, atol=1e-5)
+    assert flat["digits"] + square["digits"] == digits.tolist()
+    assert np.allclose(flat["probabilities"] + square["probabilities"], probabilities, atol=1e-5)
+    served_accuracy = float((digits == test_labels).mean())
+    assert served_accuracy == float((probabilities.argmax(1) == test_labels).mean()) > 0.85
+
+
+def test_predict_accepts_every_documented_form_of_one_image(server, champion, mnist):
+    url, _ = server
+    image = mnist[2][0]
+    with requests.Session() as session:
+        forms = [image.tolist(), image.reshape(-1).tolist(), image.astype(float).tolist()]
+        answers = [predict(session, url, form) for form in forms]
+    assert {answer["digit"] for answer in answers} == {int(champion[1][0].argmax())}
+    assert all(len(answer["probabilities"]) == 10 and abs(sum(answer["probabilities"]) - 1) < 1e-4
+               for answer in answers)
+
+
+def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, mnist):
+    url, _ = server
+    assert requests.get(f"{url}/ping").status_code == 200
+    assert requests.get(f"{url}/health").status_code == 200
+    assert requests.get(f"{url}/version").text == mlflow.__version__
+    invocation = requests.post(f"{url}/invocations", json={"inputs": mnist[2][:3].astype(float).tolist()})
+    assert invocation.status_code == 200, invocation.text
+    assert np.array(invocation.json()["predictions"]).shape == (3, 10)
+
+    spec = requests.get(f"{url}/openapi.json").json()
+    assert {"/predict", "/invocations", "/ping", "/health", "/version"} <= set(spec["paths"])
+    operation = spec["paths"]["/predict"]["post"]
+    body = operation["requestBody"]["content"]["application/json"]
+    assert body["schema"]["required"] == ["image"]
+    assert len(body["schema"]["properties"]["image"]["oneOf"]) == 4
+    assert "0-255" in body["schema"]["properties"]["image"]["description"]
+    assert {"200", "400", "413", "415", "422"} <= set(operation["responses"])
+    # The published example is itself a valid request.
+    example = requests.post(f"{url}/predict", json=body["example"])
+    assert example.status_code == 200 and 0 <= example.json()["digit"] <= 9
+
+
+def rows(value: float, height: int = 28, width: int = 28) -> list:
+    return [[value] * width for _ in range(height)]
+
+
+def bad_requests() -> list[tuple[str, bytes, str, int, str]]:
+    """(what, body, content type, expected status, words the message must contain)."""
+    ok = rows(0)
+    def body(image) -> bytes:
+        return json.dumps({"image": image}).encode()
+
+    def replace(image, row: int, col: int, value):
+        copy = [list(r) for r in image]
+        copy[row][col] = value
+        return copy
+
+    json_type = "application/json"
+    cases = [
+        ("truncated JSON", b'{"image": [[0, 0]', json_type, 400, "not valid JSON"),
+        ("not JSON", b"image=0", json_type, 400, "not valid JSON"),
+        ("empty body", b"", json_type, 400, "not valid JSON"),
+        ("NaN literal", b'{"image": [NaN]}', json_type, 400, "not valid JSON"),
+        ("Infinity literal", b'{"image": [Infinity]}', json_type, 400, "not valid JSON"),
+        ("number overflowing to inf", b'{"image": [1e999]}', json_type, 400, "infinity"),
+        ("trailing comma", b'{"image": [1, 2,]}', json_type, 400, "not valid JSON"),
+        ("invalid UTF-8", b'{"image": "\xff"}', json_type, 400, "not valid JSON"),
+        ("two documents", b'{"image": []} {"image": []}', json_type, 400, "not valid JSON"),
+        ("a list, not an object", json.dumps(ok).encode(), json_type, 422, "JSON object"),
+        ("a number", b"7", json_type, 422, "JSON object"),
+        ("a string", b'"image"', json_type, 422, "JSON object"),
+        ("null", b"null", json_type, 422, "JSON object"),
+        ("empty object", b"{}", json_type, 422, 'key "image"'),
+        ("misspelled key", json.dumps({"images": ok}).encode(), json_type, 422, "['images']"),
+        ("extra key", json.dumps({"image": ok, "threshold": 0.5}).encode(), json_type, 422, "threshold"),
+        ("image is a string", body("0" * 784), json_type, 422, "a string"),
+        ("image is a number", body(5), json_type, 422, "got 5"),
+        ("image is null", body(None), json_type, 422, "got null"),
+        ("image is an object", body({"pixels": ok}), json_type, 422, "an object"),
+        ("image is a boolean", body(True), json_type, 422, "a boolean"),
+        ("empty list", body([]), json_type, 422, "empty"),
+        ("list of an empty list", body([[]]), json_type, 422, "empty"),
+        ("batch of empty images", body([[], []]), json_type, 422, "empty"),
+        ("27 x 28", body(rows(0, 27)), json_type, 422, "shape 27 x 28"),
+        ("28 x 27", body(rows(0, 28, 27)), json_type, 422, "shape 28 x 27"),
+        ("29 x 28", body(rows(0, 29)), json_type, 422, "shape 29 x 28"),
+        ("flat 783", body([0] * 783), json_type, 422, "shape 783"),
+        ("flat 785", body([0] * 785), json_type, 422, "shape 785"),
+        ("batch of 27 x 28", body([rows(0, 27)] * 2), json_type, 422, "shape 2 x 27 x 28"),
+        ("28 x 28 x 1 (channel last)", body([[[0]] * 28] * 28), json_type, 422, "shape 28 x 28 x 1"),
+        ("4-D batch", body([[rows(0)]]), json_type, 422, "shape 1 x 1 x 28 x 28"),
+        ("a single pixel", body([0]), json_type, 422, "shape 1"),
+        ("batch of flat 783", body([[0] * 783] * 3), json_type, 422, "shape 3 x 783"),
+        ("ragged rows", body(rows(0)[:27] + [[0] * 27]), json_type, 422, "image[27] is a list of 27"),
+        ("ragged batch", body([rows(0), rows(0, 27)]), json_type, 422, "image[1] is a list of 27"),
+        ("number among rows", body(rows(0)[:27] + [0]), json_type, 422, "image[27] is 0"),
+        ("nested 900 lists deep", b'{"image": ' + b"[" * 900 + b"0" + b"]" * 900 + b"}", json_type, 422,
+         "image[0][0][0] is a list of 1, expected a number"),
+        ("nested beyond the parser's limit", b'{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}", json_type,
+         400, "depth limit"),
+        ("string pixel", body(replace(ok, 3, 4, "12")), json_type, 422, "image[3][4] is a string"),
+        ("word pixel", body(replace(ok, 0, 0, "white")), json_type, 422, "image[0][0] is a string"),
+        ("null pixel", body(replace(ok, 5, 6, None)), json_type, 422, "image[5][6] is null"),
+        ("true pixel", body(replace(ok, 7, 8, True)), json_type, 422, "image[7][8] is a boolean"),
+        ("false pixel", body(replace(ok, 9, 1, False)), json_type, 422, "image[9][1] is a boolean"),
+        ("object pixel", body(replace(ok, 2, 2, {"v": 1})), json_type, 422, "image[2][2] is an object"),
+        ("list pixel", body(replace(ok, 2, 3, [1])), json_type, 422, "image[2][3] is a list of 1"),
+        ("all booleans", body([[True] * 28] * 28), json_type, 422, "image[0][0] is a boolean"),
+        ("negative pixel", body(replace(ok, 1, 2, -1)), json_type, 422, "image[1][2] = -1 is outside 0-255"),
+        ("256", body(replace(ok, 4, 4, 256)), json_type, 422, "image[4][4] = 256 is outside 0-255"),
+        ("255.5", body(replace(ok, 4, 5, 255.5)), json_type, 422, "outside 0-255"),
+        ("-0.001", body(replace(ok, 4, 6, -0.001)), json_type, 422, "outside 0-255"),
+        ("1e300", body(replace(ok, 0, 1, 1e300)), json_type, 422, "outside 0-255"),
+        ("huge integer", body(replace(ok, 0, 2, 10**30)), json_type, 422, "outside 0-255"),
+        ("out of range in a flat batch", body([[0] * 784, [0] * 783 + [300]]), json_type, 422,
+         "image[1][783] = 300"),
+        (f"batch of {serving.MAX_BATCH + 1}", json.dumps({"image": [[0] * 784] * (serving.MAX_BATCH + 1)}).encode(),
+         json_type, 422, f"maximum of {serving.MAX_BATCH}"),
+        ("text/plain", body(ok), "text/plain", 415, "application/json"),
+        ("form encoded", body(ok), "application/x-www-form-urlencoded", 415, "application/json"),
+        ("no content type", body(ok), "", 415, "no Content-Type"),
+        ("multipart", body(ok), "multipart/form-data; boundary=x", 415, "application/json"),
+        ("json-like type", body(ok), "application/jsonl", 415, "application/json"),
+    ]
+    return cases
+
+
+def test_bad_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving(server, mnist):
+    url, process = server
+    cases = bad_requests()
+    assert len(cases) >= 50
+    failures = []
+    with requests.Session() as session:
+        for what, body, content_type, status, words in cases:
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = session.post(f"{url}/predict", data=body, headers=headers)
+            try:
+                error = response.json()
+            except ValueError:
+                error = {}
+            if (response.status_code != status or set(error) != {"error_code", "message"}
+                    or words not in error["message"]):
+                failures.append(f"{what}: {response.status_code} {response.text[:300]}")
+        # Not /predict's contract at all: still a 4xx JSON answer.
+        wrong_method = session.get(f"{url}/predict")
+        assert wrong_method.status_code == 405 and wrong_method.json()
+        assert predict(session, url, mnist[2][0].tolist())["digit"] in range(10)
+    assert not failures, "\n".join(failures)
+    assert process.poll() is None
+
+
+def test_bodies_above_the_size_limit_are_refused_with_413(server, mnist):
+    url, process = server
+    # Announced by Content-Length, and sent chunked (no length known until read).
+    too_large = b'{"image": [' + b"0," * (serving.MAX_BODY_BYTES // 2) + b"0]}"
+    announced = requests.post(f"{url}/predict", data=too_large, headers={"Content-Type": "application/json"})
+    chunked = requests.post(f"{url}/predict", data=iter([too_large[i : i + 2**20] for i in range(0, len(too_large), 2**20)]),
+                            headers={"Content-Type": "application/json"})
+    for response in (announced, chunked):
+        assert response.status_code == 413, response.text[:300]
+        assert f"limit of {serving.MAX_BODY_BYTES} bytes" in response.json()["message"]
+    assert process.poll() is None
+    assert requests.post(f"{url}/predict", json={"image": mnist[2][1].tolist()}).status_code == 200
+
+
+def test_mlflow_models_serve_serves_the_same_registered_model(champion, mnist, tmp_path):
+    """MLflow's own server, unchanged, on models:/mnist-digits@champion: /invocations works."""
+    tracking_uri, probabilities = champion
+    port = free_port()
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-digits@champion",
+               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    images = mnist[2][:200].astype(np.float32)
+    with running(command, port, clean_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path, tmp_path / "log"):
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()})
+        assert response.status_code == 200, response.text[:2000]
+        served = np.array(response.json()["predictions"])
+        assert np.array_equal(served.argmax(1), probabilities[:200].argmax(1))
+        assert np.allclose(served, probabilities[:200], atol=1e-5)
+        assert requests.get(f"http://127.0.0.1:{port}/health").status_code == 200
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    logical = re.sub(r"\\\n", " ", text)
+    return [tuple(line.strip().split(None, 1)) for line in logical.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_docker_entrypoint_serves_the_exported_model_directory(champion, mnist, tmp_path):
+    """What serving/Dockerfile runs, run here: its ENTRYPOINT with its ENV, on a model directory
+    exported like `make export-model` does (the image COPYs that directory)."""
+    tracking_uri, probabilities = champion
+    instructions = dockerfile_instructions((ROOT / "serving" / "Dockerfile").read_text())
+    env_values = {}
+    for keyword, argument in instructions:
+        if keyword == "ENV":
+            env_values.update(pair.split("=", 1) for pair in argument.split())
+    entrypoint = json.loads(dict(instructions)["ENTRYPOINT"])
+    copies = [argument.split() for keyword, argument in instructions if keyword == "COPY"]
+    assert ["serving/model", env_values["MODEL_URI"]] in copies
+    assert env_values["MNIST_SERVING_PORT"] == "9201" and "EXPOSE" in dict(instructions)
+    assert dict(instructions)["EXPOSE"] == env_values["MNIST_SERVING_PORT"]
+
+    # The export step of the Makefile, with the same command.
+    makefile = (ROOT / "Makefile").read_text()
+    assert "mlflow artifacts download --artifact-uri $(MODEL_URI) --dst-path $(MODEL_DIR)" in makefile
+    model_dir = tmp_path / "model"
+    subprocess.run([str(VENV_BIN / "mlflow"), "artifacts", "download", "--artifact-uri",
+                    "models:/mnist-digits@champion", "--dst-path", str(model_dir)],
+                   env=clean_env(MLFLOW_TRACKING_URI=tracking_uri), check=True, capture_output=True)
+    assert (model_dir / "MLmodel").is_file()
+
+    port = free_port()
+    # The image's environment, except: the exported directory where the image has /opt/model,
+    # and loopback on a free port where the container binds 0.0.0.0:9201. No tracking store.
+    env = clean_env(**{**env_values, "MODEL_URI": str(model_dir), "MNIST_SERVING_HOST": "127.0.0.1",
+                       "MNIST_SERVING_PORT": str(port), "HOME": str(tmp_path)})
+    command = [sys.executable if entrypoint[0] == "python" else entrypoint[0], *entrypoint[1:]]
+    workdir = tmp_path / "workdir"  # like the image's WORKDIR: no project around it
+    workdir.mkdir()
+    with running(command, port, env, workdir, tmp_path / "log"):
+        with requests.Session() as session:
+            answers = [predict(session, f"http://127.0.0.1:{port}", image.tolist()) for image in mnist[2][:100]]
+            assert requests.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    assert [answer["digit"] for answer in answers] == probabilities[:100].argmax(1).tolist()
+
+
+def test_serving_requirements_agree_with_the_lock_and_leave_torch_to_the_dockerfile():
+    locked = {p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+              if "version" in p}
+    text = (ROOT / "serving" / "requirements.txt").read_text()
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", text, re.M))
+    assert {"mlflow", "fastapi", "uvicorn", "orjson", "numpy"} <= set(pinned)
+    assert {name: version for name, version in pinned.items() if locked.get(name) != version} == {}
+    assert not [name for name in pinned if name == "torch" or name.startswith(("nvidia", "cuda", "triton"))]
+    dockerfile = (ROOT / "serving" / "Dockerfile").read_text()
+    assert f"torch=={locked['torch']}+cpu" in dockerfile
+
+
+def test_kubernetes_manifests_match_the_image():
+    deployment, service = (yaml.safe_load((ROOT / "serving" / "k8s" / name).read_text())
+                           for name in ("deployment.yaml", "service.yaml"))
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (port,) = container["ports"]
+    assert port["containerPort"] == serving.DEFAULT_PORT
+    assert container["readinessProbe"]["httpGet"]["path"] in ("/ping", "/health")
+    assert service["spec"]["type"] == "ClusterIP"  # no authentication: never exposed directly
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_parse_images_shapes_and_dtype():
+    image = np.arange(784).reshape(28, 28) % 256
+    for form, batched in ((image.tolist(), False), (image.reshape(-1).tolist(), False),
+                          ([image.tolist()] * 3, True), ([image.reshape(-1).tolist()] * 2, True)):
+        pixels, is_batch = serving.parse_images(json.dumps({"image": form}).encode())
+        assert is_batch == batched and pixels.dtype == np.float32 and pixels.shape[1:] == (28, 28)
+        assert np.array_equal(pixels[0], image)
+    # 0-1 floats are grey levels like any other: not rescaled.
+    pixels, _ = serving.parse_images(json.dumps({"image": [0.5] * 784}).encode())
+    assert pixels.max() == 0.5
