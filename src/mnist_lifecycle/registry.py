@@ -38,6 +38,18 @@ def current_champion(model_name: str):
         return None
 
 
+def test_accuracy(model_uri: str, images, labels) -> float:
+    """Accuracy of a registered or logged model on test images (torch is imported only here)."""
+    import mlflow.pytorch
+    import torch
+
+    from .model import predict_probabilities
+
+    loaded = mlflow.pytorch.load_model(model_uri)
+    predictions = predict_probabilities(loaded, torch.from_numpy(images)).argmax(1).numpy()
+    return float((predictions == labels).mean())
+
+
 def decide(challenger_accuracy: float, champion_accuracy: float | None, min_improvement: float):
     """(promote?, why) — the challenger must beat the champion by more than min_improvement."""
     if champion_accuracy is None:
