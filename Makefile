@@ -43,15 +43,18 @@ lab: setup
 ui: setup
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
 
+# Tracking servers without MLflow's GenAI job runner (5 more processes, unused here).
+SERVER := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
+
 # The seed's tracking server on mlflow.db; clients write artifacts straight into ./artifacts on
 # their own disk, so it serves this machine only. Then: export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)
 server: setup
-	$(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./artifacts --host $(HOST) --port $(PORT)
+	$(SERVER) --default-artifact-root ./artifacts --host $(HOST) --port $(PORT)
 
 # The same with artifacts proxied: clients send them over HTTP (mlflow-artifacts:/ URIs), the
 # server stores them in ./mlartifacts. Works for clients on other machines (HOST=0.0.0.0).
 server-proxied: setup
-	$(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts --host $(HOST) --port $(PORT)
+	$(SERVER) --artifacts-destination ./mlartifacts --host $(HOST) --port $(PORT)
 
 benchmark: setup
 	$(RUN) python benchmarks/pipeline.py

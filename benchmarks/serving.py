@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,43 +33,9 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(command: list[str], port: int, extra_env: dict[str, str],
-                 timeout: float = 300) -> subprocess.Popen:
-    """Start a server and wait (bounded) until /ping answers."""
-    # `mlflow models serve` runs `uvicorn` found on PATH.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra_env}
-    # A file, not a pipe: a server logging every request would block on a full pipe.
-    log = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{log.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise TimeoutError(f"{' '.join(command)} did not answer /ping within {timeout} s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+from tests.servers import Server, free_port  # noqa: E402
 
 
 def http_request(port: int, path: str, body: bytes) -> bytes:
@@ -253,21 +216,29 @@ def main() -> None:
     # All servers up at once, measured in turns, several rounds: whatever else loads the machine
     # hits them all alike, and the medians over rounds are compared.
     running = {}
+    logs = tempfile.TemporaryDirectory()
     try:
         for name, (command, env, route) in servers.items():
             port = free_port()
-            running[name] = (port, start_server([*command, str(port)], port, env), route)
+            # `mlflow models serve` runs the `uvicorn` it finds on PATH.
+            env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+            server = Server([*command, str(port)], env, Path(logs.name) / f"{port}.log",
+                            f"http://127.0.0.1:{port}", "/ping", cwd=ROOT)
+            running[name] = (port, server, route)
+        for port, server, route in running.values():
+            server.wait_ready(timeout=300)
         results: dict[tuple[str, str], list[dict]] = {}
         for round_number in range(args.rounds):
             print(f"round {round_number + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f})", flush=True)
-            for name, (port, process, route) in running.items():
+            for name, (port, server, route) in running.items():
                 for scenario, (path, bodies, clients, per_request) in scenarios[route].items():
                     requests = [http_request(port, path, body) for body in bodies]
                     results.setdefault((name, scenario), []).append(
-                        load(port, process.pid, requests, clients, args.seconds, per_request))
+                        load(port, server.process.pid, requests, clients, args.seconds, per_request))
     finally:
-        for port, process, route in running.values():
-            stop_server(process)
+        for port, server, route in running.values():
+            server.stop()
+        logs.cleanup()
 
     summary = {key: {metric: float(np.median([r[metric] for r in rounds])) for metric in rounds[0]}
                for key, rounds in results.items()}

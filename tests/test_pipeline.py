@@ -5,11 +5,13 @@ import gzip
 import json
 import shutil
 
+import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import config
+from mnist_lifecycle import config, data
 
 from .conftest import run, set_params
+from .servers import model_server, predict_each
 
 
 def client_for(project):
@@ -53,6 +55,19 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     assert float(champion.tags["test_accuracy"]) == metrics["accuracy"]
     decision = json.loads((path / "data" / "registry" / "decision.json").read_text())
     assert decision["promoted"] and decision["champion_version"] is None
+
+    # The README's serving command on the champion: for 1,000 real test images, one request each,
+    # it answers the digits the evaluate stage predicted, hence the same accuracy.
+    test_images, test_labels = data.load_split(path / "data" / "prepared", "test")
+    evaluated = np.loadtxt(path / "data" / "evaluation" / "predictions.csv", delimiter=",", skiprows=1, dtype=int)
+    server = model_server(path, env, path.parent / "serving.log")
+    try:
+        server.wait_ready()
+        served = np.array(predict_each(server.url, test_images[:1000]))
+    finally:
+        server.stop()
+    assert served.tolist() == evaluated[:1000, 1].tolist()
+    assert (served == test_labels[:1000]).mean() == (evaluated[:1000, 1] == test_labels[:1000]).mean() > 0.9
 
     lock = (path / "dvc.lock").read_text()
     nothing = run(["dvc", "repro"], path, env)

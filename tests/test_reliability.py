@@ -108,14 +108,15 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train"] == locked_train
     assert not any(train_outputs(path).values()), train_outputs(path)
 
-    # 3. The next `dvc repro` closes the abandoned run and completes the pipeline.
-    run(["dvc", "repro"], path, env)
+    # 3. The next `dvc repro` closes the abandoned run and trains again (the later stages are
+    #    the same as in test_pipeline.py, so they are left out here).
+    run(["dvc", "repro", "train"], path, env)
     statuses = {r.info.run_id: r.info.status for r in train_runs(client)}
     assert statuses.pop(killed_kernel.info.run_id) == "FAILED"
     assert statuses.pop(killed_all.info.run_id) == "KILLED"
     assert list(statuses.values()) == ["FINISHED"]
     (finished,) = statuses
     assert json.loads((path / "data/model/model.json").read_text())["run_id"] == finished
-    assert client.get_model_version_by_alias("mnist-digits", "champion").run_id == finished
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], path, env).stdout
+    assert all(train_outputs(path).values())
+    assert "Data and pipelines are up to date" in run(["dvc", "status", "train"], path, env).stdout
     assert partial_files(path) == []

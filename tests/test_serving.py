@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,42 +27,20 @@ import yaml
 from mnist_lifecycle import data, model, registry, serving, training
 
 from .conftest import ROOT, VENV_BIN
+from .servers import Server, free_port
 
 TEST_IMAGES = 1200
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def running(command: list[str], port: int, env: dict[str, str], cwd: Path, log: Path, timeout: float = 240):
+def running(command: list[str], port: int, env: dict[str, str], cwd: Path, log: Path):
     """A server process, yielded once /ping answers (bounded wait); stopped afterwards."""
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(command, env, log, f"http://127.0.0.1:{port}", "/ping", cwd=cwd)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"{' '.join(command)} exited {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{' '.join(command)} did not answer /ping in {timeout} s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield process
+        server.wait_ready()
+        yield server.process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """MLflow helpers shared by the notebooks, the stage runner and the model server.
 
 Tracking defaults to an embedded sqlite database (`mlflow.db`) with local artifacts
-(`mlartifacts/`) in the project root; set `MLFLOW_TRACKING_URI` to use a tracking server instead.
+(`mlartifacts/`) in the project root, safe for concurrent processes on one machine (see
+sqlite_store_opening); set `MLFLOW_TRACKING_URI` to use a tracking server instead.
 """
 
 from __future__ import annotations

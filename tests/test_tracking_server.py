@@ -1,0 +1,232 @@
+"""Tracking servers for real, on loopback: the seed's `mlflow server` (sqlite, client-written
+artifacts) and the team deployment's tracking service (deploy/compose.yaml's command and
+environment, basic auth, artifacts proxied) on a throwaway PostgreSQL cluster.
+
+Both servers start once for the module (each takes about half a minute to answer /health).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mnist_lifecycle import config, data
+
+from .conftest import ROOT, VENV_BIN, run
+from .servers import Postgres, Server, free_port, model_server, postgres_cluster, predict_each
+
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+WRITERS = ROOT / "benchmarks" / "concurrent_writers.py"
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's variable syntax as deploy/compose.yaml uses it: ${VAR}, ${VAR:-default},
+    ${VAR:?error}, and $$ for a literal $."""
+    def substitute(match: re.Match) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        if variables.get(name):
+            return variables[name]
+        if operator == ":-":
+            return argument
+        raise KeyError(f"{name}: {argument or 'unset'}")
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", substitute, str(value)).replace("$$", "$")
+
+
+@dataclass
+class Servers:
+    postgres: Postgres
+    seed: Server  # sqlite backend, --default-artifact-root ./artifacts: clients write artifacts themselves
+    seed_dir: Path
+    team: Server  # PostgreSQL backend, basic auth, artifacts proxied to --artifacts-destination
+    team_artifacts: Path
+    team_credentials: dict[str, str]  # MLFLOW_TRACKING_USERNAME / _PASSWORD for clients
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "MNIST_PROJECT_ROOT"}
+
+
+def seed_server(directory: Path) -> Server:
+    """The seed's command (`make server`), in its own directory, on a free port."""
+    directory.mkdir()
+    port = free_port()
+    command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow.db",
+               "--default-artifact-root", "./artifacts", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**clean_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return Server(command, env, directory / "server.log", f"http://127.0.0.1:{port}", "/health", cwd=directory)
+
+
+def team_server(directory: Path, postgres: Postgres) -> tuple[Server, Path, dict[str, str]]:
+    """deploy/compose.yaml's `tracking` service: its command and environment, with the test's
+    PostgreSQL, a local artifacts destination instead of MinIO, loopback and a free port."""
+    directory.mkdir()
+    artifacts = directory / "artifacts"
+    admin_password = secrets.token_hex(16)
+    variables = {
+        "POSTGRES_USER": postgres.user, "POSTGRES_PASSWORD": postgres.password, "POSTGRES_DB": postgres.database,
+        "POSTGRES_HOST": postgres.host, "POSTGRES_PORT": str(postgres.port),
+        "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "MINIO_ROOT_PASSWORD": "no-minio-in-this-test",
+        "MLFLOW_ADMIN_PASSWORD": admin_password, "MLFLOW_SECRET_KEY": secrets.token_hex(32),
+    }
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["tracking"]
+    env = clean_env()
+    env.update({name: interpolate(value, variables) for name, value in service["environment"].items()})
+    # The file compose mounts at that path; the working directory (a volume there) holds basic_auth.db.
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(COMPOSE.parent / mounted[env["MLFLOW_AUTH_CONFIG_PATH"]])
+    command = [interpolate(part, variables) for part in service["command"]]
+    port = free_port()
+    command[command.index("--host") + 1] = "127.0.0.1"
+    command[command.index("--port") + 1] = str(port)
+    command[0] = str(VENV_BIN / command[0])
+    server = Server(command, env, directory / "server.log", f"http://127.0.0.1:{port}", "/health", cwd=directory)
+    username = env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    return server, artifacts, {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": admin_password}
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("servers")
+    with contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(postgres_cluster())
+        seed = seed_server(base / "seed")
+        stack.callback(seed.stop)
+        team, team_artifacts, credentials = team_server(base / "team", postgres)
+        stack.callback(team.stop)
+        seed.wait_ready()  # both start at once: their ~30 s start-ups overlap
+        team.wait_ready()
+        yield Servers(postgres, seed, base / "seed", team, team_artifacts, credentials)
+
+
+def client_env(monkeypatch, tracking_uri: str, credentials: dict[str, str]) -> None:
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_team_server_requires_credentials(servers):
+    request = urllib.request.Request(f"{servers.team.url}/api/2.0/mlflow/experiments/search?max_results=1")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    # The seed server has no authentication: it must stay on loopback.
+    with urllib.request.urlopen(f"{servers.seed.url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                timeout=30) as response:
+        assert response.status == 200
+
+
+def test_pipeline_registers_and_serves_through_postgres_server(servers, project, monkeypatch, tmp_path):
+    path, env = project
+    env = {**env, "MLFLOW_TRACKING_URI": servers.team.url, **servers.team_credentials}
+    run(["dvc", "repro"], path, env)
+    # Nothing went to the embedded store.
+    assert not (path / "mlflow.db").exists() and not (path / "mlartifacts").exists()
+
+    client_env(monkeypatch, servers.team.url, servers.team_credentials)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("mnist-lifecycle")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/")  # proxied: clients need only HTTP
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(config.STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    train_id = runs["train"].info.run_id
+    trained = json.loads((path / "data" / "model" / "model.json").read_text())
+    assert trained["run_id"] == train_id
+    champion = client.get_model_version_by_alias("mnist-digits", "champion")
+    assert champion.run_id == train_id
+    # The executed notebooks and the model are in the server's artifact destination.
+    stored = {p.relative_to(servers.team_artifacts).as_posix() for p in servers.team_artifacts.rglob("*") if p.is_file()}
+    assert any(name.endswith(f"{train_id}/artifacts/notebook/02_train.ipynb") for name in stored)
+    assert any(name.endswith("MLmodel") for name in stored)
+    # ... and the metadata in PostgreSQL.
+    with servers.postgres.connect() as connection:
+        finished = connection.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED' AND experiment_id = %s",
+                                      (int(experiment.experiment_id),)).fetchone()[0]
+        alias = connection.execute("SELECT version FROM registered_model_aliases WHERE name = 'mnist-digits' "
+                                   "AND alias = 'champion'").fetchone()[0]
+    assert finished == 4 and str(alias) == champion.version
+
+    # MLflow's own scoring server, loading the champion through the tracking server.
+    port = free_port()
+    serve = Server([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-digits@champion",
+                    "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                   {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}, tmp_path / "serve.log",
+                   f"http://127.0.0.1:{port}", "/ping", cwd=tmp_path)
+    try:
+        serve.wait_ready()
+        images, labels = data.load_split(path / "data" / "prepared", "test")
+        body = json.dumps({"inputs": images[:32].astype(np.float32).tolist()}).encode()
+        request = urllib.request.Request(f"{serve.url}/invocations", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                probabilities = np.array(json.loads(response.read())["predictions"])
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"/invocations answered {exc.code}: {exc.read()[:2000]!r}") from exc
+    finally:
+        serve.stop()
+    assert probabilities.shape == (32, 10)
+    evaluated = np.loadtxt(path / "data" / "evaluation" / "predictions.csv", delimiter=",", skiprows=1, dtype=int)
+    # Served predictions are the ones the evaluate stage computed for the same images.
+    assert probabilities.argmax(axis=1).tolist() == evaluated[:32, 1].tolist()
+
+    # The project's model server, loading the champion through the same server with the same credentials.
+    server = model_server(tmp_path, {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}, tmp_path / "predict.log")
+    try:
+        server.wait_ready()
+        assert predict_each(server.url, images[:32]) == evaluated[:32, 1].tolist()
+    finally:
+        server.stop()
+
+
+def writers_check(tracking_uri: str, credentials: dict[str, str], tmp_path: Path) -> dict:
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": tracking_uri, **credentials}
+    result = subprocess.run([sys.executable, str(WRITERS), "--writers", "8", "--steps", "200",
+                             "--root", str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert result.returncode == 0, f"{json.dumps(summary, indent=2)}\n{result.stderr[-3000:]}"
+    return summary
+
+
+def test_eight_concurrent_writers_lose_nothing_on_seed_server(servers, tmp_path):
+    summary = writers_check(servers.seed.url, {}, tmp_path)
+    assert summary["runs_complete"] == 8 and summary["lost"] == 0 and summary["runs_found"] == 8
+    # --default-artifact-root: the clients wrote the artifacts straight into the server's directory.
+    assert len(list((servers.seed_dir / "artifacts").rglob("writer.json"))) == 8
+
+
+def test_eight_concurrent_writers_lose_nothing_on_postgres_server(servers, tmp_path):
+    summary = writers_check(servers.team.url, servers.team_credentials, tmp_path)
+    assert summary["runs_complete"] == 8 and summary["lost"] == 0 and summary["runs_found"] == 8
+    assert len(list(servers.team_artifacts.rglob("writer.json"))) == 8
+
+
+def test_compose_publishes_only_on_loopback_by_default():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {name: [interpolate(port, {}) for port in service.get("ports", [])]
+                 for name, service in services.items()}
+    assert published == {"postgres": [], "minio": [], "minio-bucket": [],
+                         "tracking": ["127.0.0.1:5000:5000"], "model-server": ["127.0.0.1:9201:9201"]}
+
+
+def test_tracking_server_image_pins_the_locked_versions():
+    pins = dict(re.findall(r"([\w-]+)(?:\[\w+\])?==([\w.]+)", (ROOT / "deploy" / "tracking-server.Dockerfile").read_text()))
+    locked = dict(re.findall(r"^([\w-]+)==([\w.]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE))
+    assert set(pins) == {"mlflow", "psycopg", "boto3"}
+    assert {name: locked[name] for name in pins} == pins
