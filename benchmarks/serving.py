@@ -12,10 +12,8 @@ and the default configuration. Targets (issue 3), single-image requests:
 - >= 400 req/s with concurrent clients, and >= 3x MLflow's /invocations at the same concurrency;
 - batches of 256 images: >= half of the model's raw in-process throughput.
 
-Results on the 2-core machine of issue 3 (shared with other jobs, so ratios matter more than
-absolute values), pipeline champion (width 16, 99.3%), 5 s per row:
-
-    (filled in below from a run of this script)
+Results of a run on the 2-core machine (client and servers on the same cores, so compare rows of
+one run): README.md, "Serving" > "Speed".
 """
 
 from __future__ import annotations
