@@ -4,7 +4,7 @@ against 8 times a single training run.
     flock /tmp/cpu-bench.lock uv run python benchmarks/sweep.py [--epochs 1] [--sweep FILE] [--rounds 2]
 
 Measures, in rounds of alternating order (the CPU is shared: the best of the rounds counts):
-  single     one point (params/train.yaml's defaults, width 16: the costlier width of the grid),
+  single     one point of params/train.yaml's defaults (width 12, between the grid's 8 and 16),
              1 worker with all cores' torch threads: what `dvc repro train` runs;
   1 worker   the sweep's points one at a time, each with all cores' threads;
   2 workers  two points at a time, one torch thread each.
@@ -12,38 +12,35 @@ Every time is the wall time of the whole `python -m mnist_lifecycle.sweep` comma
 imports, data, training, model logging, notebook logging, summary). Points log to the MLflow
 experiment "sweep-benchmark" in the project's store, and write into a temporary directory.
 
-Results, 2 cores, full MNIST, params/sweeps/lr_width.yaml (8 points of 2 epochs, widths 8 and 16),
-`flock /tmp/cpu-bench.lock uv run python benchmarks/sweep.py`, with other jobs sharing the CPU
-(load average 2 to 14 during the run):
+Results, 2 cores, full MNIST, params/sweeps/lr_width.yaml (8 points of 2 epochs, widths 8 and 16).
+`uv run python benchmarks/sweep.py --rounds 1` on 2026-11-27 at 15:38-15:50 UTC, nothing else
+running (load average 0.0-1.6):
 
-    round 1: single    1 x 2 thread(s), 1 point(s):    62.1 s  (load average before: 3.8)
-    round 1: 1 worker  1 x 2 thread(s), 8 point(s):   341.8 s  (load average before: 2.6)
-    round 1: 2 workers 2 x 1 thread(s), 8 point(s):   269.9 s  (load average before: 1.8)
-    round 2: 2 workers 2 x 1 thread(s), 8 point(s):   413.0 s  (load average before: 2.8)
-    round 2: 1 worker  1 x 2 thread(s), 8 point(s):  2180.0 s  (load average before: 3.2, then up to 14)
-    round 2: single    1 x 2 thread(s), 1 point(s):    77.8 s  (load average before: 5.4)
-    best of 2: single 62.1 s; 8 x single 496.4 s; 1 worker 341.8 s; 2 workers 269.9 s
-    2 workers against 1 worker: 1.27x faster (parallel efficiency 63%)
-    2 workers against 8 x single: 1.84x faster (parallel efficiency 92%); 1 worker against 8 x single: 1.45x
+    single     1 x 2 thread(s), 1 point(s):    63.9 s
+    1 worker   1 x 2 thread(s), 8 point(s):   358.9 s
+    2 workers  2 x 1 thread(s), 8 point(s):   273.9 s
+    8 x single 511.1 s
+    2 workers against 1 worker: 1.31x faster (parallel efficiency 66%)
+    2 workers against 8 x single: 1.87x faster (parallel efficiency 93%); 1 worker against 8 x single: 1.42x
     best point 06_lr=0.2_width=16: val_accuracy 0.9928; largest difference of a point's
     val_accuracy between 2 threads and 1: 0.0012
 
-Reading them (per-point seconds are the runs' `train_seconds` in MLflow, round 1):
+An earlier 2-round run on a loaded machine (load average 2 to 14) gave the same picture: best of
+2, single 62.1 s, 1 worker 341.8 s, 2 workers 269.9 s (1.27x).
+
+Reading them:
 - Against the 1-worker sweep of the same points, the honest sequential baseline, 2 workers are
-  1.27x faster: a parallel efficiency of 63% on 2 cores. During training a lone worker already
-  uses the second core well: with 2 threads a point trains in 23 s on average (183 s for 8), with
-  1 thread in 37 s (296 s), a thread efficiency of 81%. What 2 workers win is the ~19 s per point
-  outside training (kernel start, imports, data, model and notebook logging),
-  which runs on one core: a second worker fills the other. Hence the default of one worker per
-  core with one thread each.
-- "8 x single" overstates the sequential cost (1.45x the 1-worker sweep): the single point is the
-  width-16 default while half the grid is width 8 (about half the training time), and each
-  single run pays the sweep command's start-up (~6 s) and summary once more.
-- Contention hurts 2-thread workers far more than 1-thread ones: round 2's 1-worker sweep met a
-  busy spell and took 6.4x its round-1 time (one point trained 780 s instead of 26 s), the
-  2-worker sweeps never more than 1.5x. torch's threads wait on each other when another process
-  takes a core. An earlier 1-epoch run (--epochs 1, one round, heavier load) showed the same:
-  single 180.7 s, 1 worker 718.0 s, 2 workers 182.4 s.
+  1.31x faster: a parallel efficiency of 66% on 2 cores. During training a lone worker already
+  uses the second core well (in the loaded run's MLflow records a point trained in 23 s on
+  average with 2 threads and 37 s with 1: a thread efficiency of ~81%; in this run the 1-thread
+  points of the 2-worker sweep averaged 38.7 s). What 2 workers win is the ~19 s per point outside training
+  (kernel start, imports, data, model and notebook logging), which runs on one core: a second
+  worker fills the other. Hence the default of one worker per core with one thread each.
+- "8 x single" overstates the sequential cost (1.42x the 1-worker sweep): each single run pays
+  the sweep command's start-up (~6 s) and summary once more.
+- Contention hurts 2-thread workers far more than 1-thread ones: in the loaded run, a 1-worker
+  sweep that met a busy spell took 6.4x its other time, the 2-worker sweeps never more than 1.5x.
+  torch's threads wait on each other when another process takes a core.
 - The same point trained with 1 or 2 threads differs by at most 0.0012 in validation accuracy:
   floating-point sums in another order.
 """

@@ -47,17 +47,18 @@ def _prepare_recording(root: Path):
     return MlflowClient(), experiment_id, exporter
 
 
-def record_notebook(recording, invocation: str, notebook: Path, failed: bool) -> str | None:
+def record_notebook(client, experiment_id: str, invocation: str, notebook: Path, failed: bool,
+                    exporter=None) -> str | None:
     """Log the executed notebook to the run the notebook opened; returns that run's id."""
     import nbformat
+    from nbconvert import HTMLExporter
 
-    client, experiment_id, exporter = recording
     runs = client.search_runs([experiment_id], f"tags.stage_invocation = '{invocation}'", max_results=1)
     if not runs:
         return None  # the notebook failed before it opened a run; the error says why
     run_id = runs[0].info.run_id
     client.log_artifact(run_id, str(notebook), "notebook")
-    html, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    html, _ = (exporter or HTMLExporter()).from_notebook_node(nbformat.read(notebook, as_version=4))
     client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
     if failed:
         client.set_terminated(run_id, status="FAILED")
@@ -95,8 +96,9 @@ def run_stage(root: Path, stage: str, log_output: bool = True) -> str | None:
         os.environ.pop(config.INVOCATION_ENV, None)
         if partial.is_file():  # whole: executed to the end, or to where it failed
             os.replace(partial, output)
-        ready = recording.result()  # also when nothing is recorded: the thread may be writing the store
-        run_id = record_notebook(ready, invocation, output, failed) if output.is_file() else None
+        client, experiment_id, exporter = recording.result()  # also when nothing is recorded: the
+        # thread may be writing the store
+        run_id = record_notebook(client, experiment_id, invocation, output, failed, exporter) if output.is_file() else None
     return run_id
 
 

@@ -218,7 +218,7 @@ class Runner:
             )
         error = _notebook_error(executed, log) if result.returncode else ""
         with self.lock:
-            run_id = record_notebook((self.client, self.experiment_id), invocation, executed, bool(error)) \
+            run_id = record_notebook(self.client, self.experiment_id, invocation, executed, bool(error)) \
                 if executed.is_file() else None
         return run_id, error
 
