@@ -96,8 +96,8 @@ def run_stage(root: Path, stage: str, log_output: bool = True) -> str | None:
         os.environ.pop(config.INVOCATION_ENV, None)
         if partial.is_file():  # whole: executed to the end, or to where it failed
             os.replace(partial, output)
-        client, experiment_id, exporter = recording.result()  # also when nothing is recorded: the
-        # thread may be writing the store
+        # Waited for even when nothing is recorded: the thread may still be writing the store.
+        client, experiment_id, exporter = recording.result()
         run_id = record_notebook(client, experiment_id, invocation, output, failed, exporter) if output.is_file() else None
     return run_id
 
