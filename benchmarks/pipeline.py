@@ -103,9 +103,9 @@ def main() -> None:
         sys.exit("set MNIST_SOURCE_DIR to the directory with the four MNIST idx .gz files")
     results = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 
+    if args.pipeline_only:
+        args.seeds, args.quick = 0, True
     with tempfile.TemporaryDirectory() as tmp:
-        if args.pipeline_only:
-            args.seeds, args.quick = 0, True
         prepared = Path(tmp) / "prepared"
         data.fetch_raw(Path(tmp) / "raw", mnist_source)
         data.write_prepared(prepared, data.verify_raw(Path(tmp) / "raw"), 5000, 0)

@@ -50,12 +50,18 @@ def set_params(project: Path, stage: str, **values) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def isolated_env(**extra: str) -> dict[str, str]:
+    """This process's environment without what points at a tracking store, project or model
+    (MLFLOW_*, MNIST_PROJECT_ROOT, MODEL_URI, MNIST_SERVING_*), with the venv first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "MNIST_SERVING_")) and k not in ("MNIST_PROJECT_ROOT", "MODEL_URI")}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
+    return env
+
+
 def project_env(project: Path, mnist_source: Path, **extra: str) -> dict[str, str]:
     """Environment for commands in a copy: its own sqlite MLflow store, the venv on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MLFLOW_") and k not in ("MNIST_PROJECT_ROOT",)}
-    env.update(MNIST_SOURCE_DIR=str(mnist_source), PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
-    return env
+    return isolated_env(MNIST_SOURCE_DIR=str(mnist_source), **extra)
 
 
 def run(command: list[str], project: Path, env: dict[str, str], check: bool = True,

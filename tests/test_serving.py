@@ -8,7 +8,6 @@ The served model is a small one trained here on real MNIST and registered as
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import yaml
 
 from mnist_lifecycle import data, model, registry, serving, training
 
-from .conftest import ROOT, VENV_BIN
+from .conftest import ROOT, VENV_BIN, isolated_env
 from .servers import Server, free_port
 
 TEST_IMAGES = 1200
@@ -41,12 +40,6 @@ def running(command: list[str], port: int, env: dict[str, str], cwd: Path, log: 
         yield server.process
     finally:
         server.stop()
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MODEL_URI", "MNIST_SERVING"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +84,7 @@ def server(champion, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port)]
-    with running(command, port, clean_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, log) as process:
+    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, log) as process:
         yield f"http://127.0.0.1:{port}", process
 
 
@@ -282,7 +275,7 @@ def test_mlflow_models_serve_serves_the_same_registered_model(champion, mnist, t
     command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-digits@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     images = mnist[2][:200].astype(np.float32)
-    with running(command, port, clean_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path, tmp_path / "log"):
+    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path, tmp_path / "log"):
         response = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": images.tolist()})
         assert response.status_code == 200, response.text[:2000]
         served = np.array(response.json()["predictions"])
@@ -318,13 +311,13 @@ def test_docker_entrypoint_serves_the_exported_model_directory(champion, mnist, 
     model_dir = tmp_path / "model"
     subprocess.run([str(VENV_BIN / "mlflow"), "artifacts", "download", "--artifact-uri",
                     "models:/mnist-digits@champion", "--dst-path", str(model_dir)],
-                   env=clean_env(MLFLOW_TRACKING_URI=tracking_uri), check=True, capture_output=True)
+                   env=isolated_env(MLFLOW_TRACKING_URI=tracking_uri), check=True, capture_output=True)
     assert (model_dir / "MLmodel").is_file()
 
     port = free_port()
     # The image's environment, except: the exported directory where the image has /opt/model,
     # and loopback on a free port where the container binds 0.0.0.0:9201. No tracking store.
-    env = clean_env(**{**env_values, "MODEL_URI": str(model_dir), "MNIST_SERVING_HOST": "127.0.0.1",
+    env = isolated_env(**{**env_values, "MODEL_URI": str(model_dir), "MNIST_SERVING_HOST": "127.0.0.1",
                        "MNIST_SERVING_PORT": str(port), "HOME": str(tmp_path)})
     command = [sys.executable if entrypoint[0] == "python" else entrypoint[0], *entrypoint[1:]]
     workdir = tmp_path / "workdir"  # like the image's WORKDIR: no project around it

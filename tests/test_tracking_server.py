@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -26,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_lifecycle import config, data
 
-from .conftest import ROOT, VENV_BIN, run
+from .conftest import ROOT, VENV_BIN, isolated_env, run
 from .servers import Postgres, Server, free_port, model_server, postgres_cluster, predict_each
 
 COMPOSE = ROOT / "deploy" / "compose.yaml"
@@ -57,17 +56,13 @@ class Servers:
     team_credentials: dict[str, str]  # MLFLOW_TRACKING_USERNAME / _PASSWORD for clients
 
 
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "MNIST_PROJECT_ROOT"}
-
-
 def seed_server(directory: Path) -> Server:
     """The seed's command (`make server`), in its own directory, on a free port."""
     directory.mkdir()
     port = free_port()
     command = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow.db",
                "--default-artifact-root", "./artifacts", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**clean_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**isolated_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return Server(command, env, directory / "server.log", f"http://127.0.0.1:{port}", "/health", cwd=directory)
 
 
@@ -84,7 +79,7 @@ def team_server(directory: Path, postgres: Postgres) -> tuple[Server, Path, dict
         "MLFLOW_ADMIN_PASSWORD": admin_password, "MLFLOW_SECRET_KEY": secrets.token_hex(32),
     }
     service = yaml.safe_load(COMPOSE.read_text())["services"]["tracking"]
-    env = clean_env()
+    env = isolated_env()
     env.update({name: interpolate(value, variables) for name, value in service["environment"].items()})
     # The file compose mounts at that path; the working directory (a volume there) holds basic_auth.db.
     mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
@@ -167,7 +162,7 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
     port = free_port()
     serve = Server([str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/mnist-digits@champion",
                     "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                   {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}, tmp_path / "serve.log",
+                   env, tmp_path / "serve.log",
                    f"http://127.0.0.1:{port}", "/ping", cwd=tmp_path)
     try:
         serve.wait_ready()
@@ -187,7 +182,7 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
     assert probabilities.argmax(axis=1).tolist() == evaluated[:32, 1].tolist()
 
     # The project's model server, loading the champion through the same server with the same credentials.
-    server = model_server(tmp_path, {**env, "PATH": f"{VENV_BIN}:{env['PATH']}"}, tmp_path / "predict.log")
+    server = model_server(tmp_path, env, tmp_path / "predict.log")
     try:
         server.wait_ready()
         assert predict_each(server.url, images[:32]) == evaluated[:32, 1].tolist()
@@ -196,7 +191,7 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
 
 
 def writers_check(tracking_uri: str, credentials: dict[str, str], tmp_path: Path) -> dict:
-    env = {**clean_env(), "MLFLOW_TRACKING_URI": tracking_uri, **credentials}
+    env = {**isolated_env(), "MLFLOW_TRACKING_URI": tracking_uri, **credentials}
     result = subprocess.run([sys.executable, str(WRITERS), "--writers", "8", "--steps", "200",
                              "--root", str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
     summary = json.loads(result.stdout[result.stdout.index("{"):])

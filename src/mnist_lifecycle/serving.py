@@ -306,7 +306,7 @@ def create_app(model_uri: str | None = None, threads: int | None = None) -> Pred
 
     model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
-    resolve_tracking_uri()
+    resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
     pyfunc_model = mlflow.pyfunc.load_model(model_uri)
     module = pyfunc_model.get_raw_model()  # the ProbabilityModel, as a torch.export GraphModule
     app = scoring_server.init(pyfunc_model)
