@@ -68,15 +68,24 @@ def save_figure(figure: Figure, path: Path) -> None:
 
 
 def digit_grid(images: np.ndarray, titles: list[str], columns: int = 10) -> Figure:
-    """Images in a grid with a title under each; for samples and misclassified digits."""
-    rows = max(1, -(-len(images) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        axis.axis("off")
-        if index < len(images):
-            axis.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
-            axis.set_title(titles[index], fontsize=8)
-    figure.tight_layout()
+    """Images in a grid with a title above each; for samples and misclassified digits.
+
+    Drawn as one picture with text on it rather than one axes per digit: a figure of 40 axes
+    takes ~0.5 s to render, and it is rendered for every file it is saved to and for the notebook.
+    """
+    count, size = len(images), images.shape[-1]
+    rows = max(1, -(-count // columns))
+    cell_width, cell_height, title_band = size + 4, size + 12, 10  # pixels, at the digits' scale
+    canvas = np.zeros((rows * cell_height, columns * cell_width), dtype=images.dtype)
+    figure = plt.figure(figsize=(columns * 1.1, rows * 1.3))
+    axis = figure.add_axes((0, 0, 1, 1))
+    axis.axis("off")
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = row * cell_height + title_band, column * cell_width + 2
+        canvas[top : top + size, left : left + size] = images[index]
+        axis.text(left + size / 2, top - 1, titles[index], ha="center", va="bottom", fontsize=8)
+    axis.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, aspect="auto", interpolation="nearest")
     return figure
 
 
