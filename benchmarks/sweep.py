@@ -4,7 +4,7 @@ against 8 times a single training run.
     flock /tmp/cpu-bench.lock uv run python benchmarks/sweep.py [--epochs 1] [--sweep FILE] [--rounds 2]
 
 Measures, in rounds of alternating order (the CPU is shared: the best of the rounds counts):
-  single     one point of params/train.yaml's defaults (width 12, between the grid's 8 and 16),
+  single     one point of params/train.yaml's defaults (width 12 in the run below),
              1 worker with all cores' torch threads: what `dvc repro train` runs;
   1 worker   the sweep's points one at a time, each with all cores' threads;
   2 workers  two points at a time, one torch thread each.
@@ -14,7 +14,7 @@ experiment "sweep-benchmark" in the project's store, and write into a temporary 
 
 Results, 2 cores, full MNIST, params/sweeps/lr_width.yaml (8 points of 2 epochs, widths 8 and 16).
 `uv run python benchmarks/sweep.py --rounds 1` on 2026-11-27 at 15:38-15:50 UTC, nothing else
-running (load average 0.0-1.6):
+running (load average 0.0-1.6), with the model before its strided stem:
 
     single     1 x 2 thread(s), 1 point(s):    63.9 s
     1 worker   1 x 2 thread(s), 8 point(s):   358.9 s
