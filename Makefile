@@ -11,7 +11,7 @@ MODEL_URI ?= models:/mnist-digits@champion
 MODEL_DIR ?= serving/model
 IMAGE ?= mnist-serving
 
-.PHONY: setup pipeline test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
+.PHONY: setup pipeline push pull registry-sync test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -23,9 +23,23 @@ setup: $(UV)
 	$(UV) sync --frozen --compile-bytecode
 	$(RUN) python -m ipykernel install --user --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
 
-# The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set.
+# The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set;
+# then a check that the registry's aliases are what data/registry/decision.json says.
 pipeline: setup
 	$(RUN) dvc repro
+	$(RUN) python -m mnist_lifecycle.registry check
+
+# Share the outputs through the DVC remote (README, "Share and reproduce"); a failure names the remote.
+push: setup
+	$(RUN) python -m mnist_lifecycle.remote push
+
+pull: setup
+	$(RUN) python -m mnist_lifecycle.remote pull
+
+# Move the registry's aliases to what this checkout's data/registry/decision.json says (after
+# `git checkout` + `dvc checkout`, or `dvc exp apply`; README, "Share and reproduce").
+registry-sync: setup
+	$(RUN) python -m mnist_lifecycle.registry sync
 
 # A papermill sweep over the training notebook (README, "Sweeps"): make sweep SWEEP=params/sweeps/smoke.yaml
 # WORKERS=2; SWEEP_ARGS=--overwrite reruns into the same sweeps/<name>/. Needs the prepared data only.
@@ -60,6 +74,7 @@ benchmark: setup
 	$(RUN) python benchmarks/pipeline.py
 
 # The model server: POST /predict and MLflow's routes on http://$(HOST):9201 (see README, "Serving").
+# MODEL_URI=data/model/mlflow_model serves the pipeline's model directory (after `dvc pull`: no store needed).
 serve: setup
 	$(RUN) python -m mnist_lifecycle.serving --model-uri '$(MODEL_URI)' --host $(HOST)
 

@@ -36,11 +36,16 @@ def copy_project(destination: Path) -> Path:
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
-    subprocess.run([*git, "init", "-q"], cwd=destination, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=destination, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
+    git(destination, "init", "-q")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-qm", "copy")
     return destination
+
+
+def git(path: Path, *args: str) -> None:
+    """git in `path`, as a test user."""
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=path,
+                   check=True, capture_output=True)
 
 
 def set_params(project: Path, stage: str, **values) -> None:

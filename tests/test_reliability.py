@@ -66,8 +66,8 @@ def wait_gone(pid: int, timeout: float = 30) -> None:
 
 
 def train_outputs(path: Path) -> dict[str, bool]:
-    names = ["data/model/model.json", "data/model/metrics.json", "data/model/history.csv",
-             "data/executed/02_train.ipynb"]
+    names = ["data/model/mlflow_model", "data/model/model.json", "data/model/metrics.json",
+             "data/model/history.csv", "data/executed/02_train.ipynb"]
     return {name: (path / name).exists() for name in names}
 
 
@@ -93,6 +93,7 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train"] == locked_train
     outputs = train_outputs(path)
     assert not outputs["data/model/model.json"] and not outputs["data/model/metrics.json"]
+    assert not outputs["data/model/mlflow_model"]
     # The executed notebook is whole (it shows where the kernel died); nothing half-written is left.
     nbformat.read(path / "data/executed/02_train.ipynb", as_version=4)
     assert partial_files(path) == []

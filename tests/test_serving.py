@@ -22,6 +22,7 @@ import pytest
 import requests
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
 from mnist_lifecycle import data, model, registry, serving, training
 
@@ -71,7 +72,8 @@ def champion(tmp_path_factory, mnist):
         logged = mlflow.pytorch.load_model(info.model_uri)
         probabilities = model.predict_probabilities(logged, torch.from_numpy(test_images[:TEST_IMAGES])).numpy()
         accuracy = float((probabilities.argmax(1) == test_labels[:TEST_IMAGES]).mean())
-        registry.register_and_decide("mnist-digits", info.model_uri, accuracy, None, None, 0.0, {})
+        version = mlflow.register_model(info.model_uri, "mnist-digits").version
+        MlflowClient().set_registered_model_alias("mnist-digits", registry.CHAMPION, version)
     mlflow.set_tracking_uri(None)
     assert accuracy > 0.85  # 4,000 images, one epoch: a real classifier, far above chance
     return tracking_uri, probabilities

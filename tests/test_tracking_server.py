@@ -1,6 +1,7 @@
 """Tracking servers for real, on loopback: the seed's `mlflow server` (sqlite, client-written
 artifacts) and the team deployment's tracking service (deploy/compose.yaml's command and
-environment, basic auth, artifacts proxied) on a throwaway PostgreSQL cluster.
+environment, basic auth, artifacts proxied to S3) on a throwaway PostgreSQL cluster and the
+deployment's object store (SeaweedFS, `weed mini`).
 
 Both servers start once for the module (each takes about half a minute to answer /health).
 """
@@ -9,24 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import config, data
+from mnist_lifecycle import config, data, lineage
 
-from .conftest import ROOT, VENV_BIN, isolated_env, run
-from .servers import Postgres, Server, free_port, model_server, postgres_cluster, predict_each
+from .conftest import ROOT, VENV_BIN, git, isolated_env, run
+from .servers import (ObjectStore, Postgres, Server, free_port, model_server, object_store, postgres_cluster,
+                      predict_each)
 
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 WRITERS = ROOT / "benchmarks" / "concurrent_writers.py"
@@ -51,8 +57,8 @@ class Servers:
     postgres: Postgres
     seed: Server  # sqlite backend, --default-artifact-root ./artifacts: clients write artifacts themselves
     seed_dir: Path
-    team: Server  # PostgreSQL backend, basic auth, artifacts proxied to --artifacts-destination
-    team_artifacts: Path
+    team: Server  # PostgreSQL backend, basic auth, artifacts proxied to the object store
+    store: ObjectStore
     team_credentials: dict[str, str]  # MLFLOW_TRACKING_USERNAME / _PASSWORD for clients
 
 
@@ -66,16 +72,24 @@ def seed_server(directory: Path) -> Server:
     return Server(command, env, directory / "server.log", f"http://127.0.0.1:{port}", "/health", cwd=directory)
 
 
-def team_server(directory: Path, postgres: Postgres) -> tuple[Server, Path, dict[str, str]]:
+def compose_object_store(directory: Path):
+    """deploy/compose.yaml's `objectstore` service (its command and credentials) on loopback."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["objectstore"]
+    variables = {"S3_SECRET_KEY": secrets.token_hex(16)}
+    env = {name: interpolate(value, variables) for name, value in service["environment"].items()}
+    assert service["command"][0] == "mini"
+    return object_store(directory, [interpolate(a, variables) for a in service["command"][1:]], env)
+
+
+def team_server(directory: Path, postgres: Postgres, store: ObjectStore) -> tuple[Server, dict[str, str]]:
     """deploy/compose.yaml's `tracking` service: its command and environment, with the test's
-    PostgreSQL, a local artifacts destination instead of MinIO, loopback and a free port."""
+    PostgreSQL and object store, loopback and a free port."""
     directory.mkdir()
-    artifacts = directory / "artifacts"
     admin_password = secrets.token_hex(16)
     variables = {
         "POSTGRES_USER": postgres.user, "POSTGRES_PASSWORD": postgres.password, "POSTGRES_DB": postgres.database,
         "POSTGRES_HOST": postgres.host, "POSTGRES_PORT": str(postgres.port),
-        "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "MINIO_ROOT_PASSWORD": "no-minio-in-this-test",
+        "MLFLOW_S3_ENDPOINT_URL": store.endpoint, "S3_ACCESS_KEY": store.access_key, "S3_SECRET_KEY": store.secret_key,
         "MLFLOW_ADMIN_PASSWORD": admin_password, "MLFLOW_SECRET_KEY": secrets.token_hex(32),
     }
     service = yaml.safe_load(COMPOSE.read_text())["services"]["tracking"]
@@ -91,7 +105,7 @@ def team_server(directory: Path, postgres: Postgres) -> tuple[Server, Path, dict
     command[0] = str(VENV_BIN / command[0])
     server = Server(command, env, directory / "server.log", f"http://127.0.0.1:{port}", "/health", cwd=directory)
     username = env["MLFLOW_AUTH_ADMIN_USERNAME"]
-    return server, artifacts, {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": admin_password}
+    return server, {"MLFLOW_TRACKING_USERNAME": username, "MLFLOW_TRACKING_PASSWORD": admin_password}
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +115,12 @@ def servers(tmp_path_factory):
         postgres = stack.enter_context(postgres_cluster())
         seed = seed_server(base / "seed")
         stack.callback(seed.stop)
-        team, team_artifacts, credentials = team_server(base / "team", postgres)
+        store = stack.enter_context(compose_object_store(base / "objectstore"))
+        team, credentials = team_server(base / "team", postgres, store)
         stack.callback(team.stop)
         seed.wait_ready()  # both start at once: their ~30 s start-ups overlap
         team.wait_ready()
-        yield Servers(postgres, seed, base / "seed", team, team_artifacts, credentials)
+        yield Servers(postgres, seed, base / "seed", team, store, credentials)
 
 
 def client_env(monkeypatch, tracking_uri: str, credentials: dict[str, str]) -> None:
@@ -146,8 +161,8 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
     assert trained["run_id"] == train_id
     champion = client.get_model_version_by_alias("mnist-digits", "champion")
     assert champion.run_id == train_id
-    # The executed notebooks and the model are in the server's artifact destination.
-    stored = {p.relative_to(servers.team_artifacts).as_posix() for p in servers.team_artifacts.rglob("*") if p.is_file()}
+    # The executed notebooks and the model are in the server's artifact destination, the S3 bucket.
+    stored = servers.store.keys("mlflow", "artifacts/")
     assert any(name.endswith(f"{train_id}/artifacts/notebook/02_train.ipynb") for name in stored)
     assert any(name.endswith("MLmodel") for name in stored)
     # ... and the metadata in PostgreSQL.
@@ -185,9 +200,103 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
     server = model_server(tmp_path, env, tmp_path / "predict.log")
     try:
         server.wait_ready()
-        assert predict_each(server.url, images[:32]) == evaluated[:32, 1].tolist()
+        champion_digits = predict_each(server.url, images[:300])
     finally:
         server.stop()
+    assert champion_digits == evaluated[:300, 1].tolist()
+
+    # Either side checks the other: the registered version's files in S3 have the DVC hash that
+    # dvc.lock records for data/model/mlflow_model, and the version carries it as a tag.
+    locked = {out["path"]: out["md5"] for out in yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train"]["outs"]}
+    stored = mlflow.artifacts.download_artifacts(client.get_logged_model(trained["model_id"]).artifact_location,
+                                                 dst_path=str(tmp_path / "stored"))
+    assert lineage.dvc_md5(Path(stored)) == locked["data/model/mlflow_model"] == champion.tags["model_dvc_md5"]
+
+    # Share: commit, push everything to the team's DVC remote (the object store's other bucket).
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "pipeline run")
+    s3_env = {**env, **servers.store.env()}
+    use_s3_remote(path, servers.store, "s3://dvc/pipeline", s3_env)
+    started = time.perf_counter()
+    run(["dvc", "push", "--run-cache"], path, s3_env)
+    pushed = time.perf_counter() - started
+    remote_bytes = sum(o["Size"] for o in servers.store.client().list_objects_v2(Bucket="dvc", Prefix="pipeline/")["Contents"])
+
+    # Reproduce: a second clone with an empty tracking store pulls instead of retraining, and
+    # serves the same predictions from the pulled model directory.
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(path), str(clone)], check=True)
+    clone_env = {**isolated_env(MNIST_SOURCE_DIR=env["MNIST_SOURCE_DIR"]), **servers.store.env()}
+    use_s3_remote(clone, servers.store, "s3://dvc/pipeline", clone_env)
+    started = time.perf_counter()
+    run(["dvc", "pull"], clone, clone_env)
+    pulled = time.perf_counter() - started
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, clone_env).stdout
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, clone_env).stdout
+    server = model_server(clone, clone_env, tmp_path / "pulled.log", model_uri="data/model/mlflow_model")
+    try:
+        server.wait_ready()
+        ready = time.perf_counter() - started
+        assert predict_each(server.url, images[:300]) == champion_digits
+    finally:
+        server.stop()
+    # The clone's own (empty) store was never opened: nothing in it names the model.
+    assert not (clone / "mlflow.db").exists()
+    print(f"\ndvc push --run-cache {pushed:.1f} s; remote holds {remote_bytes / 2**20:.1f} MiB; "
+          f"dvc pull {pulled:.1f} s, pull + server ready {ready:.1f} s")
+
+
+def use_s3_remote(path: Path, store: ObjectStore, url: str, env: dict[str, str]) -> None:
+    """The team's remote, as README "Share and reproduce" sets it: the URL, the endpoint in the
+    clone's own config.local (credentials come from the environment)."""
+    run(["dvc", "remote", "add", "--local", "-f", "-d", "team", url], path, env)
+    run(["dvc", "remote", "modify", "--local", "team", "verify", "true"], path, env)
+    run(["dvc", "remote", "modify", "--local", "team", "endpointurl", store.endpoint], path, env)
+
+
+def test_s3_remote_faults_are_named_and_an_interrupted_push_completes(servers, project, tmp_path):
+    path, env = project
+    run(["dvc", "repro", "prepare"], path, env)
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "prepared")
+    s3_env = {**env, **servers.store.env()}
+    use_s3_remote(path, servers.store, "s3://dvc/faults", s3_env)
+    push = ["python", "-m", "mnist_lifecycle.remote", "push"]
+
+    # A wrong key and an unreachable endpoint: the push fails naming the remote, and sends nothing.
+    result = run(push, path, {**s3_env, "AWS_SECRET_ACCESS_KEY": "wrong"}, check=False)
+    assert result.returncode != 0 and "Forbidden" in result.stderr
+    assert f"dvc push failed for remote 'team' (s3://dvc/faults, endpoint {servers.store.endpoint})" in result.stderr
+    run(["dvc", "remote", "modify", "--local", "team", "endpointurl", f"http://127.0.0.1:{free_port()}"], path, s3_env)
+    result = run(push, path, s3_env, check=False)
+    assert result.returncode != 0 and "Could not connect to the endpoint URL" in result.stderr
+    assert servers.store.keys("dvc", "faults/") == []
+    run(["dvc", "remote", "modify", "--local", "team", "endpointurl", servers.store.endpoint], path, s3_env)
+
+    # Killed midway (once its first objects are in the bucket), then run again: it completes.
+    pushing = subprocess.Popen(push, cwd=path, env=s3_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not servers.store.keys("dvc", "faults/") and pushing.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pushing.poll() is None, "the push ended before it could be interrupted"
+    os.killpg(pushing.pid, signal.SIGKILL)
+    pushing.wait()
+    assert "Cache and remote 'team' are in sync" not in run(["dvc", "status", "-c", "prepare"], path, s3_env).stdout
+    run(push, path, s3_env)
+    assert "Cache and remote 'team' are in sync" in run(["dvc", "status", "-c", "prepare"], path, s3_env).stdout
+
+    # An object corrupted in the bucket: a clone's pull fails on it and checks nothing bad out.
+    labels = path / "data/prepared/val_labels.npy"
+    digest = lineage.dvc_md5(labels)
+    key = f"faults/files/md5/{digest[:2]}/{digest[2:]}"
+    servers.store.client().put_object(Bucket="dvc", Key=key, Body=labels.read_bytes()[:-8] + b"corrupt!")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(path), str(clone)], check=True)
+    use_s3_remote(clone, servers.store, "s3://dvc/faults", s3_env)
+    result = run(["dvc", "pull", "prepare"], clone, s3_env, check=False)  # dvc.lock names later outputs too
+    assert result.returncode != 0 and "data/prepared" in result.stderr
+    assert not (clone / "data/prepared/val_labels.npy").exists()
 
 
 def writers_check(tracking_uri: str, credentials: dict[str, str], tmp_path: Path) -> dict:
@@ -209,14 +318,14 @@ def test_eight_concurrent_writers_lose_nothing_on_seed_server(servers, tmp_path)
 def test_eight_concurrent_writers_lose_nothing_on_postgres_server(servers, tmp_path):
     summary = writers_check(servers.team.url, servers.team_credentials, tmp_path)
     assert summary["runs_complete"] == 8 and summary["lost"] == 0 and summary["runs_found"] == 8
-    assert len(list(servers.team_artifacts.rglob("writer.json"))) == 8
+    assert len([key for key in servers.store.keys("mlflow", "artifacts/") if key.endswith("writer.json")]) == 8
 
 
 def test_compose_publishes_only_on_loopback_by_default():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     published = {name: [interpolate(port, {}) for port in service.get("ports", [])]
                  for name, service in services.items()}
-    assert published == {"postgres": [], "minio": [], "minio-bucket": [],
+    assert published == {"postgres": [], "objectstore": ["127.0.0.1:8333:8333"],
                          "tracking": ["127.0.0.1:5000:5000"], "model-server": ["127.0.0.1:9201:9201"]}
 
 

@@ -41,12 +41,6 @@ def project_root() -> Path:
     raise FileNotFoundError(f"no dvc.yaml in {here} or its parents; run from inside the project")
 
 
-def output_dir(root: Path) -> Path:
-    """Where the train and evaluate notebooks write `model/` and `evaluation/`: `data/`, or
-    $MNIST_OUTPUT_DIR for a sweep point, which must leave the pipeline's outputs alone."""
-    return Path(os.environ.get(OUTPUT_DIR_ENV) or root / "data")
-
-
 def tracking_root(root: Path) -> Path:
     """The directory of the default MLflow store: the root, except in a queued DVC experiment.
 

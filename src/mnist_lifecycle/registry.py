@@ -1,16 +1,27 @@
 """Model Registry: register a challenger, and move `champion` to it only when it is better.
 
 Aliases, not the deprecated stages: `challenger` always names the newest registered version,
-`champion` the one to serve (`models:/<name>@champion`).
+`champion` the one to serve (`models:/<name>@champion`). A version is known by its model's DVC
+hash (tag `model_dvc_md5`): registering the same bytes again reuses their version.
+
+`data/registry/decision.json` records what the register stage decided; the registry's aliases are
+state outside git and DVC, so after `git checkout` + `dvc checkout` or `dvc exp apply` the two can
+differ. `python -m mnist_lifecycle.registry check` reports that (so does the model server, and
+`make pipeline` runs it); `... registry sync` moves the aliases to what decision.json says.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import asdict, dataclass
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from .lineage import MODEL_HASH_TAG, StoreMismatch, store_missing
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -20,11 +31,14 @@ CHALLENGER = "challenger"
 class Decision:
     model_name: str
     challenger_version: str
+    challenger_model_dvc_md5: str
     challenger_test_accuracy: float
-    champion_version: str | None  # before this decision; None when there was none
-    champion_test_accuracy: float | None
+    previous_champion_version: str | None  # None when there was none
+    previous_champion_test_accuracy: float | None
     promoted: bool
     reason: str
+    champion_version: str  # after the decision
+    champion_model_dvc_md5: str
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +52,14 @@ def current_champion(model_name: str):
         return None
 
 
-def test_accuracy(model_uri: str, images, labels) -> float:
+def version_of(model_name: str, model_md5: str):
+    """The registered version holding the model with this DVC hash, or None."""
+    found = MlflowClient().search_model_versions(
+        f"name = '{model_name}' and tags.{MODEL_HASH_TAG} = '{model_md5}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def accuracy_on(model_uri: str, images, labels) -> float:
     """Accuracy of a registered or logged model on test images (torch is imported only here)."""
     import mlflow.pytorch
     import torch
@@ -61,24 +82,33 @@ def decide(challenger_accuracy: float, champion_accuracy: float | None, min_impr
                    f"{champion_accuracy:.4f} by more than {min_improvement}")
 
 
-def register_and_decide(
-    model_name: str,
-    model_uri: str,
-    challenger_accuracy: float,
-    champion_accuracy: float | None,
-    champion_version: str | None,
-    min_improvement: float,
-    tags: dict[str, str],
-) -> Decision:
-    """Register `model_uri`, alias it `challenger`, maybe `champion`; record all on the version."""
+def register_and_decide(model_name: str, trained: dict, challenger_accuracy: float, champion,
+                        champion_accuracy: float | None, min_improvement: float,
+                        tags: dict[str, str]) -> Decision:
+    """Register the trained model (or find its version), alias it `challenger`, maybe `champion`;
+    record all on the version. `trained` is data/model/model.json, `champion` the version before."""
     client = MlflowClient()
-    version = mlflow.register_model(model_uri, model_name, tags=tags).version
+    model_md5 = trained[MODEL_HASH_TAG]
+    existing = version_of(model_name, model_md5)
+    if existing is None:
+        version = mlflow.register_model(trained["model_uri"], model_name,
+                                        tags={**tags, MODEL_HASH_TAG: model_md5}).version
+    else:
+        version = existing.version
+    version = str(version)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    promoted, reason = decide(challenger_accuracy, champion_accuracy, min_improvement)
+    if champion is not None and str(champion.version) == version:
+        promoted, reason = False, f"version {version} (the same model) is the champion already"
+    else:
+        promoted, reason = decide(challenger_accuracy, champion_accuracy, min_improvement)
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
-    decision = Decision(model_name, str(version), challenger_accuracy, champion_version,
-                        champion_accuracy, promoted, reason)
+    after = version if promoted else str(champion.version)
+    decision = Decision(
+        model_name, version, model_md5, challenger_accuracy,
+        str(champion.version) if champion else None, champion_accuracy, promoted, reason,
+        after, model_md5 if promoted else champion.tags.get(MODEL_HASH_TAG, ""),
+    )
     for key, value in {
         "test_accuracy": challenger_accuracy,
         "champion_test_accuracy_before": champion_accuracy,
@@ -87,3 +117,118 @@ def register_and_decide(
     }.items():
         client.set_model_version_tag(model_name, version, key, "none" if value is None else str(value))
     return decision
+
+
+def _alias_targets(decision: dict) -> dict[str, tuple[str, str]]:
+    return {CHAMPION: (decision["champion_version"], decision["champion_model_dvc_md5"]),
+            CHALLENGER: (decision["challenger_version"], decision["challenger_model_dvc_md5"])}
+
+
+def disagreements(decision: dict) -> list[str]:
+    """How the registry's aliases differ from decision.json (by model hash, so that a store that
+    numbers versions differently still agrees); empty when they agree."""
+    client, name = MlflowClient(), decision["model_name"]
+    found = []
+    for alias, (version, model_md5) in _alias_targets(decision).items():
+        try:
+            current = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            found.append(f"{name}@{alias} is not set; decision.json names version {version} ({model_md5})")
+            continue
+        if current.tags.get(MODEL_HASH_TAG) != model_md5:
+            found.append(f"{name}@{alias} is version {current.version} ({current.tags.get(MODEL_HASH_TAG)}), "
+                         f"decision.json names version {version} ({model_md5})")
+    return found
+
+
+def sync(decision: dict) -> list[str]:
+    """Move the aliases to the versions decision.json names; returns what moved."""
+    client, name = MlflowClient(), decision["model_name"]
+    moved = []
+    for alias, (version, model_md5) in _alias_targets(decision).items():
+        target = version_of(name, model_md5)
+        if target is None:
+            raise StoreMismatch(f"the tracking store {mlflow.get_tracking_uri()} has no version of {name} "
+                                f"with {MODEL_HASH_TAG}={model_md5} (decision.json's {alias}, version {version})")
+        try:
+            current = client.get_model_version_by_alias(name, alias).version
+        except MlflowException:
+            current = None
+        if str(current) != str(target.version):
+            client.set_registered_model_alias(name, alias, target.version)
+            moved.append(f"{name}@{alias}: {current} -> {target.version}")
+    return moved
+
+
+def check_served(model_uri: str, decision_path=None) -> list[str]:
+    """Before serving a registered model: stop (StoreMismatch) if the store lacks it; returns
+    warnings where the alias served disagrees with the project's decision.json."""
+    if not model_uri.startswith("models:/"):
+        return []
+    tracking_uri = mlflow.get_tracking_uri()
+    advice = ("Run `make pipeline` to train and register into it, set MLFLOW_TRACKING_URI to the store "
+              "the pipeline ran against, or serve the pipeline's model directory after `dvc pull`: "
+              "make serve MODEL_URI=data/model/mlflow_model")
+    if store_missing(tracking_uri):
+        raise StoreMismatch(f"the tracking store {tracking_uri} does not exist. {advice}")
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if alias:
+            served = client.get_model_version_by_alias(name, alias)
+        else:
+            name, _, version = name.partition("/")
+            served = client.get_model_version(name, version)
+    except MlflowException:
+        raise StoreMismatch(f"the tracking store {tracking_uri} has no {model_uri}. {advice}") from None
+    if not alias or decision_path is None or not decision_path.is_file():
+        return []
+    decision = json.loads(decision_path.read_text())
+    if decision.get("model_name") != name or alias not in (CHAMPION, CHALLENGER):
+        return []
+    _, model_md5 = _alias_targets(decision)[alias]
+    if served.tags.get(MODEL_HASH_TAG) == model_md5:
+        return []
+    return [f"{model_uri} is version {served.version} ({served.tags.get(MODEL_HASH_TAG)}), but "
+            f"{decision_path.name} of this checkout names {model_md5}; `python -m mnist_lifecycle.registry "
+            "sync` makes the registry follow the checkout"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import config
+    from .paths import Layout
+
+    parser = argparse.ArgumentParser(prog="python -m mnist_lifecycle.registry",
+                                     description="Compare the registry's aliases with data/registry/decision.json "
+                                                 "(check), or move them to it (sync).")
+    parser.add_argument("action", choices=["check", "sync"])
+    args = parser.parse_args(argv)
+    root = config.project_root()
+    path = Layout.of(root).decision
+    if not path.is_file():
+        print(f"no {path.relative_to(root)}: the register stage has not run (dvc repro, or dvc pull)")
+        return 0 if args.action == "check" else 1
+    decision = json.loads(path.read_text())
+    tracking_uri = config.use_default_tracking_uri(root)
+    try:
+        if store_missing(tracking_uri):
+            raise StoreMismatch(f"the tracking store {tracking_uri} does not exist: nothing is registered in it")
+        if args.action == "sync":
+            for line in sync(decision):
+                print(f"moved {line}")
+        found = disagreements(decision)
+    except StoreMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if found:
+        print(f"error: the registry in {tracking_uri} disagrees with {path.relative_to(root)}:\n  "
+              + "\n  ".join(found) + "\n`python -m mnist_lifecycle.registry sync` (make registry-sync) moves the "
+              "aliases to what this checkout decided", file=sys.stderr)
+        return 1
+    print(f"registry in {tracking_uri} agrees with {path.relative_to(root)}: champion version "
+          f"{decision['champion_version']}, challenger version {decision['challenger_version']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -272,6 +272,25 @@ def resolve_tracking_uri() -> str | None:
         return None
 
 
+def check_registered(model_uri: str) -> None:
+    """Before loading a registered model: exit with a message if the tracking store lacks it (no
+    traceback, no empty store created); warn if its alias disagrees with the project's
+    data/registry/decision.json."""
+    from .lineage import StoreMismatch
+    from .paths import Layout
+    from .registry import check_served
+
+    try:
+        decision = Layout.of(config.project_root()).decision
+    except FileNotFoundError:
+        decision = None  # outside a project: nothing to compare with
+    try:
+        for warning in check_served(model_uri, decision):
+            print(f"warning: {warning}", file=sys.stderr)
+    except StoreMismatch as exc:
+        sys.exit(f"error: {exc}")
+
+
 class PredictFirst:
     """The ASGI app served: POST /predict straight to its endpoint, all else to MLflow's app.
 
@@ -375,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     if Path(args.model_uri).exists():
         args.model_uri = str(Path(args.model_uri).resolve())
         os.environ[MODEL_URI_ENV] = args.model_uri
+    check_registered(args.model_uri)
     print(f"serving {args.model_uri} (tracking {tracking_uri or 'unset'}) on http://{args.host}:{args.port}",
           file=sys.stderr)
     uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
