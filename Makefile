@@ -21,7 +21,9 @@ IMAGE ?= mnist-serving
 # PYTHONDONTWRITEBYTECODE, and without .pyc files every stage spends ~10 s compiling imports.
 setup: $(UV)
 	$(UV) sync --frozen --compile-bytecode
-	$(RUN) python -m ipykernel install --user --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
+	@# The notebooks' kernel, in this environment (.venv/share/jupyter): a --user kernel of the same
+	@# name would be shared by every clone of the project and run whichever registered it last.
+	$(RUN) python -m ipykernel install --sys-prefix --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
 
 # The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set.
 pipeline: setup
@@ -40,11 +42,12 @@ test: setup
 lab: setup
 	$(RUN) jupyter lab
 
-ui: setup
-	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
+# Tracking servers and the UI without MLflow's GenAI job runner (5 more processes, unused here).
+NO_JOBS := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+SERVER := $(NO_JOBS) $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
 
-# Tracking servers without MLflow's GenAI job runner (5 more processes, unused here).
-SERVER := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
+ui: setup
+	$(NO_JOBS) $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
 
 # The seed's tracking server on mlflow.db; clients write artifacts straight into ./artifacts on
 # their own disk, so it serves this machine only. Then: export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)

@@ -213,7 +213,9 @@ class Runner:
         with log.open("w") as stream:
             result = subprocess.run(
                 [sys.executable, "-m", "papermill", str(self.root / notebook), str(executed),
-                 "-y", json.dumps(parameters), "--cwd", str(self.root), "--log-output", "--no-progress-bar"],
+                 "-y", json.dumps(parameters), "--cwd", str(self.root), "--log-output", "--no-progress-bar",
+                 # This environment's kernel, registered or not (the notebooks name the project's).
+                 "--kernel", "python3"],
                 env=env, stdout=stream, stderr=subprocess.STDOUT,
             )
         error = _notebook_error(executed, log) if result.returncode else ""
