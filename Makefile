@@ -39,8 +39,9 @@ sweep: setup
 test: setup
 	$(RUN) pytest
 
+# Jupyter refuses to run as root without --allow-root (containers, CI machines).
 lab: setup
-	$(RUN) jupyter lab
+	$(RUN) jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Tracking servers and the UI without MLflow's GenAI job runner (5 more processes, unused here).
 NO_JOBS := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false

@@ -4,9 +4,10 @@
 execution counts or another kernel into one would make `dvc status` report a changed stage,
 `dvc repro` rerun the pipeline from there and every later run carry a `-dirty` commit. The
 executed copies with their outputs are what the stages write to `data/executed/` (and log to
-MLflow). So Jupyter saves a project notebook without outputs (`strip`), via the contents
-manager's pre-save hook, which jupyter_server_config.d/mnist_lifecycle.json (installed into the
-environment with this package) names. Outputs stay visible in the open tab; only the file is clean.
+MLflow). So Jupyter saves a project notebook without outputs (`strip`): this module is a Jupyter
+server extension, enabled by jupyter_server_config.d/mnist_lifecycle.json (installed into the
+environment with this package), that adds a pre-save hook to the contents manager. Outputs stay
+visible in the open tab; only the file is clean.
 """
 
 from __future__ import annotations
@@ -42,3 +43,11 @@ def pre_save_hook(model: dict, path: str, contents_manager, **kwargs) -> None:
         return
     if is_project_notebook(Path(contents_manager.root_dir, path.lstrip("/")).resolve()):
         strip(model["content"])
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    return [{"module": "mnist_lifecycle.notebook_files"}]
+
+
+def _load_jupyter_server_extension(serverapp) -> None:
+    serverapp.contents_manager.register_pre_save_hook(pre_save_hook)

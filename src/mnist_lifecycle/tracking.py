@@ -25,8 +25,9 @@ from mlflow.tracking import MlflowClient
 from . import config
 
 EXPERIMENT_NAME = "mnist-lifecycle"  # overridden by $MLFLOW_EXPERIMENT_NAME, as in MLflow itself
-# The experiment tag MLflow's UI reads to choose its view: without it the UI opens an experiment on
-# the GenAI overview (traces, prompts) instead of the table of training runs.
+# The experiment's kind, as MLflow's UI records it: model training, not GenAI. MLflow 3.17's UI
+# chooses its view by its "GenAI / Model training" switch instead (remembered per browser, or
+# ?workflowType=machine_learning in the link: see README), and reads this tag where that switch is off.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the run's description
 
@@ -141,7 +142,7 @@ def describe_run(stage: str, params, commit: str, started_by: str) -> tuple[str,
     name = " · ".join(filter(None, [stage, shown, short, started_by]))
     description = (f"{STAGE_PURPOSE[stage]}\n\nStarted by: {started_by}, from `notebooks/{config.NOTEBOOKS[stage]}.ipynb` "
                    f"at commit `{commit}`. Parameters: "
-                   + ", ".join(f"{key}={value!r}" for key, value in values.items()) + ".")
+                   + ", ".join(f"`{key}={value!r}`" for key, value in values.items()) + ".")
     return name, description
 
 
@@ -160,7 +161,10 @@ def quiet_known_warnings() -> None:
     # torch's model export, for weights that are not on the CPU (ours always are).
     warnings.filterwarnings("ignore", message="No complete tensor found in the group")
     # MLflow writes conda.yaml with an unpinned pip when pip is not installed (uv's environments).
-    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)  # "Detected uv project" on every model
+    # MLflow's INFO lines: "Detected uv project" on every model logged, "Creating initial MLflow
+    # database tables" on a new sqlite store.
+    for name in ("mlflow.utils.uv_utils", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").addFilter(
         lambda record: "Failed to resolve installed pip version" not in record.getMessage())
 
