@@ -11,7 +11,7 @@ MODEL_URI ?= models:/mnist-digits@champion
 MODEL_DIR ?= serving/model
 IMAGE ?= mnist-serving
 
-.PHONY: setup pipeline test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
+.PHONY: setup pipeline plots test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -35,6 +35,20 @@ SWEEP ?= params/sweeps/lr_width.yaml
 sweep: setup
 	$(RUN) dvc repro prepare
 	$(RUN) python -m mnist_lifecycle.sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)
+
+# dvc plots show, with the Vega scripts its page needs fetched once into .tools/vega/ (the page
+# falls back to the CDN without them): the plots render where the CDN is unreachable.
+VEGA := .tools/vega
+VEGA_PACKAGES := vega/-/vega-5.20.2 vega-lite/-/vega-lite-5.2.0 vega-embed/-/vega-embed-6.18.2
+plots: setup $(VEGA)/vega-embed.min.js
+	$(RUN) dvc plots show
+
+$(VEGA)/vega-embed.min.js:
+	mkdir -p $(VEGA)
+	for package in $(VEGA_PACKAGES); do \
+		curl -sSfL https://registry.npmjs.org/$$package.tgz | tar -xzO package/build/$$(basename $${package%-*}).min.js \
+			> $(VEGA)/$$(basename $${package%-*}).min.js || exit 1; \
+	done
 
 test: setup
 	$(RUN) pytest
