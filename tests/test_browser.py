@@ -7,17 +7,16 @@ One JupyterLab and one MLflow server for the module, on loopback, with bounded w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import copy_project, project_env, run
+from .conftest import VENV_BIN, copy_project, project_env, run
 from .servers import Server, free_port
 
 NOTEBOOK = "notebooks/01_prepare.ipynb"
@@ -54,6 +53,19 @@ def screenshot(page, name: str) -> None:
         page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=False)
 
 
+@contextlib.contextmanager
+def page_on(server: Server, browser, ready_timeout: float, timeout_ms: int):
+    """A browser page once `server` answers; the server is stopped afterwards."""
+    try:
+        server.wait_ready(timeout=ready_timeout)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(timeout_ms)
+        yield page
+        page.close()
+    finally:
+        server.stop()
+
+
 def notebook_dep_changes(path: Path, env: dict) -> list:
     """What `dvc status` says about the stages' notebooks."""
     status = json.loads(run(["dvc", "status", "--json"], path, env).stdout or "{}")
@@ -66,15 +78,12 @@ def test_notebook_in_jupyterlab_shows_its_figure_and_saves_clean(lab_project, br
     committed = (path / NOTEBOOK).read_bytes()
     token, port = secrets.token_hex(16), free_port()
     lab_env = {**env, "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
-    lab = Server([str(Path(sys.executable).parent / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+    lab = Server([str(VENV_BIN / "jupyter"), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                   f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
                   f"--ServerApp.root_dir={path}", "--LabApp.news_url=",
                   *(["--allow-root"] if os.geteuid() == 0 else [])],
                  lab_env, tmp_path / "jupyterlab.log", f"http://127.0.0.1:{port}", "/api", cwd=path)
-    try:
-        lab.wait_ready(timeout=120)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(120_000)
+    with page_on(lab, browser, ready_timeout=120, timeout_ms=120_000) as page:
         page.goto(f"{lab.url}/lab/tree/{NOTEBOOK}?token={token}")
         # The kernel the notebook declares, started without asking which one.
         try:
@@ -100,9 +109,6 @@ def test_notebook_in_jupyterlab_shows_its_figure_and_saves_clean(lab_project, br
         page.keyboard.press("Control+s")
         page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')")
         assert (path / NOTEBOOK).stat().st_mtime_ns != before, "the notebook was not saved"
-        page.close()
-    finally:
-        lab.stop()
     # Saved through the contents API with outputs on screen, the file is as committed.
     assert (path / NOTEBOOK).read_bytes() == committed
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], path, env).stdout == ""
@@ -122,14 +128,11 @@ def test_mlflow_ui_opens_on_runs_and_shows_what_the_run_did(lab_project, browser
     assert prepared.info.run_name.endswith(" · jupyter")
 
     port = free_port()
-    mlflow_server = Server([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+    mlflow_server = Server([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
                             f"sqlite:///{path / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
                            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, tmp_path / "mlflow.log",
                            f"http://127.0.0.1:{port}", "/health", cwd=path)
-    try:
-        mlflow_server.wait_ready(timeout=180)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.set_default_timeout(60_000)
+    with page_on(mlflow_server, browser, ready_timeout=180, timeout_ms=60_000) as page:
         # The experiment's page as the README links it lists the runs by name (not the GenAI overview).
         page.goto(f"{mlflow_server.url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning")
         try:
@@ -141,6 +144,3 @@ def test_mlflow_ui_opens_on_runs_and_shows_what_the_run_did(lab_project, browser
         page.get_by_text("Verifies the four MNIST files by content").first.wait_for(state="visible")
         page.get_by_text("Started by: jupyter").first.wait_for(state="visible")
         screenshot(page, "mlflow-run")
-        page.close()
-    finally:
-        mlflow_server.stop()

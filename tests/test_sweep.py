@@ -102,7 +102,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     sweep_dir = path / "sweeps" / "smoke"
     for name, child in by_point.items():
         run_id = child.info.run_id
-        assert child.info.status == "FINISHED" and child.info.run_name == name
+        assert child.info.status == "FINISHED" and child.info.run_name == f"{name} · sweep smoke"
         assert child.data.params["epochs"] == "1" and child.data.params["width"] == "8"
         assert 0.7 < child.data.metrics["val_accuracy"] <= 1.0
         assert 0.7 < child.data.metrics["test_accuracy"] <= 1.0

@@ -252,7 +252,7 @@ class Runner:
         outcome.seconds = time.perf_counter() - started
         with self.lock:
             if outcome.run_id:
-                tags = {"sweep": self.sweep.name, "sweep_point": point.name, "mlflow.runName": point.name}
+                tags = {"sweep": self.sweep.name, "sweep_point": point.name, "mlflow.runName": f"{point.name} · sweep {self.sweep.name}"}
                 if outcome.error:
                     tags["error"] = outcome.error[:5000]  # MLflow's limit on a tag's value
                 self.client.log_batch(outcome.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
