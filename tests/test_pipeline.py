@@ -50,9 +50,9 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
         if stage in ("evaluate", "register"):
             assert tags["training_run_id"] == train_run.info.run_id
         # Names and descriptions a person can tell runs apart by in the MLflow UI.
-        assert stage_run.info.run_name.startswith(f"{stage} · ") and stage_run.info.run_name.endswith(" · pipeline")
-        assert tags["mlflow.note.content"].startswith(tracking.STAGE_PURPOSE[stage])
-        assert "\n\n**Result:** " in tags["mlflow.note.content"]
+        assert stage_run.info.run_name.startswith(f"{stage} · pipeline")
+        assert tags["mlflow.note.content"].startswith("**Result:** ")
+        assert f"\n\n{tracking.STAGE_PURPOSE[stage]}\n\nStarted by: pipeline" in tags["mlflow.note.content"]
         # Every figure is an image, in the executed notebook and in its HTML in MLflow; no warnings.
         executed = nbformat.read(path / "data" / "executed" / f"{config.NOTEBOOKS[stage]}.ipynb", as_version=4)
         cells = [cell for cell in executed.cells if cell.cell_type == "code"]
@@ -66,7 +66,7 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
                                               str(path.parent / "html")))
         assert html.read_text().count("data:image/png;base64,") >= len(figure_cells)
     assert figures == 4  # samples, learning curves, confusion matrix, misclassified digits
-    assert train_run.info.run_name.startswith("train · epochs=1 lr=0.1 width=8 max_train_samples=3000 · ")
+    assert train_run.info.run_name.startswith("train · pipeline · epochs=1 lr=0.1 width=8 max_train_samples=3000 · ")
     assert int(train_run.data.params["epochs"]) == 1
     assert "val_accuracy" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1
@@ -79,9 +79,9 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     assert decision["promoted"] and decision["champion_version"] is None
     # The decision, in words, on the version and at the end of the register run's description.
     assert champion.description.startswith(f"mnist-digits version {champion.version} (test accuracy ")
-    assert "promoted to @champion" in champion.description and "Champion before: none" in champion.description
+    assert "promoted to `@champion`" in champion.description and "Champion before: none" in champion.description
     register_run = stage_runs(client, "register")[0]
-    assert register_run.data.tags["mlflow.note.content"].endswith(f"**Result:** {champion.description}")
+    assert register_run.data.tags["mlflow.note.content"].startswith(f"**Result:** {champion.description}\n\n")
 
     # The README's serving command on the champion: for 1,000 real test images, one request each,
     # it answers the digits the evaluate stage predicted, hence the same accuracy.

@@ -33,9 +33,10 @@ class Decision:
         """The decision in a sentence: the register run's and the model version's description."""
         before = (f"version {self.champion_version} (test accuracy {self.champion_test_accuracy:.4f})"
                   if self.champion_version else "none")
-        verdict = "promoted to @champion" if self.promoted else "not promoted: @champion stays"
+        # Aliases in code spans: the UI renders descriptions as Markdown, where @name is a link.
+        verdict = "promoted to `@champion`" if self.promoted else "not promoted: `@champion` stays"
         return (f"{self.model_name} version {self.challenger_version} (test accuracy "
-                f"{self.challenger_test_accuracy:.4f}) is @challenger, {verdict}. Champion before: "
+                f"{self.challenger_test_accuracy:.4f}) is `@challenger`, {verdict}. Champion before: "
                 f"{before}. Why: {self.reason}.")
 
 

@@ -36,7 +36,7 @@ STAGE_PURPOSE = {
     "prepare": "Verifies the four MNIST files by content and writes the train/validation/test split.",
     "train": "Trains the digit classifier and logs it as an MLflow model.",
     "evaluate": "Scores the trained model on the 10,000 test images.",
-    "register": "Registers the evaluated model as @challenger and decides whether it becomes @champion.",
+    "register": "Registers the evaluated model as `@challenger` and decides whether it becomes `@champion`.",
 }
 # The parameters that tell one run of a stage from another, shown in its name.
 NAMED_PARAMS = {
@@ -139,7 +139,8 @@ def describe_run(stage: str, params, commit: str, started_by: str) -> tuple[str,
     shown = " ".join(f"{name}={values[name]}" for name in NAMED_PARAMS[stage]
                      if not (name == "max_train_samples" and values[name] == 0))  # 0: all
     short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
-    name = " · ".join(filter(None, [stage, shown, short, started_by]))
+    # Stage and runner first: the UI's run table shows the first ~25 characters of a name.
+    name = " · ".join(filter(None, [stage, started_by, shown, short]))
     description = (f"{STAGE_PURPOSE[stage]}\n\nStarted by: {started_by}, from `notebooks/{config.NOTEBOOKS[stage]}.ipynb` "
                    f"at commit `{commit}`. Parameters: "
                    + ", ".join(f"`{key}={value!r}`" for key, value in values.items()) + ".")
@@ -147,11 +148,12 @@ def describe_run(stage: str, params, commit: str, started_by: str) -> tuple[str,
 
 
 def end_stage_run(outcome: str) -> None:
-    """End the active stage run, adding what it found (`outcome`) to its description."""
+    """End the active stage run, with what it found (`outcome`) first in its description: the
+    UI shows a description's first lines only."""
     run = mlflow.active_run()
     if run is not None:
         description = MlflowClient().get_run(run.info.run_id).data.tags.get(RUN_DESCRIPTION_TAG, "")
-        mlflow.set_tag(RUN_DESCRIPTION_TAG, f"{description}\n\n**Result:** {outcome}".strip())
+        mlflow.set_tag(RUN_DESCRIPTION_TAG, f"**Result:** {outcome}\n\n{description}".strip())
     mlflow.end_run()
 
 
