@@ -41,8 +41,9 @@ def _prepare_recording(root: Path):
     from mlflow.tracking import MlflowClient
     from nbconvert import HTMLExporter
 
-    from .tracking import configure
+    from .tracking import configure, quiet_known_warnings
 
+    quiet_known_warnings()  # as in the kernel: MLflow's INFO lines on a new store
     experiment_id = configure(root)  # first: a client opens the store, which configure guards
     exporter = HTMLExporter()
     exporter.from_notebook_node(nbformat.v4.new_notebook())  # the first conversion loads templates
