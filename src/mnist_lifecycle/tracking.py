@@ -31,7 +31,7 @@ EXPERIMENT_NAME = "mnist-lifecycle"  # overridden by $MLFLOW_EXPERIMENT_NAME, as
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUN_DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the run's description
 
-# What a stage does, the first line of its run's description.
+# What a stage does, in its run's description (after the result).
 STAGE_PURPOSE = {
     "prepare": "Verifies the four MNIST files by content and writes the train/validation/test split.",
     "train": "Trains the digit classifier and logs it as an MLflow model.",
@@ -157,18 +157,21 @@ def end_stage_run(outcome: str) -> None:
     mlflow.end_run()
 
 
+def _not_about_pip_version(record: logging.LogRecord) -> bool:
+    # MLflow writes conda.yaml with an unpinned pip when pip is not installed (uv's environments).
+    return "Failed to resolve installed pip version" not in record.getMessage()
+
+
 def quiet_known_warnings() -> None:
     """Silence the library warnings a stage triggers that ask nothing of the user (they appeared in
-    every stage's output, every notebook and its HTML in MLflow)."""
+    every stage's output, every notebook and its HTML in MLflow). Idempotent."""
     # torch's model export, for weights that are not on the CPU (ours always are).
     warnings.filterwarnings("ignore", message="No complete tensor found in the group")
-    # MLflow writes conda.yaml with an unpinned pip when pip is not installed (uv's environments).
+    logging.getLogger("mlflow.utils.environment").addFilter(_not_about_pip_version)
     # MLflow's INFO lines: "Detected uv project" on every model logged, "Creating initial MLflow
     # database tables" on a new sqlite store.
     for name in ("mlflow.utils.uv_utils", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("mlflow.utils.environment").addFilter(
-        lambda record: "Failed to resolve installed pip version" not in record.getMessage())
 
 
 def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] | None = None):
@@ -184,8 +187,8 @@ def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] |
     tags = provenance_tags(root, stage, params)
     if os.environ.get(config.INVOCATION_ENV):
         tags["stage_invocation"] = os.environ[config.INVOCATION_ENV]
-    run_name, tags[RUN_DESCRIPTION_TAG] = describe_run(stage, params, tags["git_commit"], runner())
     tags["runner"] = runner()
+    run_name, tags[RUN_DESCRIPTION_TAG] = describe_run(stage, params, tags["git_commit"], tags["runner"])
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **(extra_tags or {})},
                            parent_run_id=os.environ.get(config.PARENT_RUN_ENV) or None)
     mlflow.log_params(config.as_dict(params))
