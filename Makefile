@@ -19,10 +19,10 @@ IMAGE ?= mnist-serving
 
 # The locked environment (uv.lock) in .venv, byte-compiled: this machine sets
 # PYTHONDONTWRITEBYTECODE, and without .pyc files every stage spends ~10 s compiling imports.
+# Then the notebooks' kernel, in this environment (.venv/share/jupyter): a --user kernel of the
+# same name would be shared by every clone of the project and run whichever registered it last.
 setup: $(UV)
 	$(UV) sync --frozen --compile-bytecode
-	@# The notebooks' kernel, in this environment (.venv/share/jupyter): a --user kernel of the same
-	@# name would be shared by every clone of the project and run whichever registered it last.
 	$(RUN) python -m ipykernel install --sys-prefix --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
 
 # The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set.
@@ -61,7 +61,12 @@ lab: setup
 NO_JOBS := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 SERVER := $(NO_JOBS) $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
 
+# The link to the training runs first: MLflow's UI otherwise opens an experiment on its GenAI view.
 ui: setup
+	@python3 -c "import sqlite3; db = sqlite3.connect('file:mlflow.db?mode=ro', uri=True); \
+		(found,) = db.execute(\"select experiment_id from experiments where name = 'mnist-lifecycle'\").fetchall(); \
+		print(f'Training runs: http://$(HOST):$(PORT)/#/experiments/{found[0]}?workflowType=machine_learning')" \
+		2>/dev/null || true
 	$(NO_JOBS) $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
 
 # The seed's tracking server on mlflow.db; clients write artifacts straight into ./artifacts on
