@@ -11,7 +11,7 @@ MODEL_URI ?= models:/mnist-digits@champion
 MODEL_DIR ?= serving/model
 IMAGE ?= mnist-serving
 
-.PHONY: setup pipeline push pull registry-sync test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
+.PHONY: setup pipeline plots push pull registry-sync test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -19,9 +19,11 @@ IMAGE ?= mnist-serving
 
 # The locked environment (uv.lock) in .venv, byte-compiled: this machine sets
 # PYTHONDONTWRITEBYTECODE, and without .pyc files every stage spends ~10 s compiling imports.
+# Then the notebooks' kernel, in this environment (.venv/share/jupyter): a --user kernel of the
+# same name would be shared by every clone of the project and run whichever registered it last.
 setup: $(UV)
 	$(UV) sync --frozen --compile-bytecode
-	$(RUN) python -m ipykernel install --user --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
+	$(RUN) python -m ipykernel install --sys-prefix --name mnist-lifecycle --display-name "Python (mnist-lifecycle)" >/dev/null
 
 # The main job: the whole pipeline, tracked in mlflow.db / mlartifacts/ unless MLFLOW_TRACKING_URI is set;
 # then a check that the registry's aliases are what data/registry/decision.json says.
@@ -48,17 +50,38 @@ sweep: setup
 	$(RUN) dvc repro prepare
 	$(RUN) python -m mnist_lifecycle.sweep $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(SWEEP_ARGS)
 
+# dvc plots show, with the Vega scripts its page needs fetched once into .tools/vega/ (the page
+# falls back to the CDN without them): the plots render where the CDN is unreachable.
+VEGA := .tools/vega
+VEGA_PACKAGES := vega/-/vega-5.20.2 vega-lite/-/vega-lite-5.2.0 vega-embed/-/vega-embed-6.18.2
+plots: setup $(VEGA)/vega-embed.min.js
+	$(RUN) dvc plots show
+
+$(VEGA)/vega-embed.min.js:
+	mkdir -p $(VEGA)
+	for package in $(VEGA_PACKAGES); do \
+		curl -sSfL https://registry.npmjs.org/$$package.tgz | tar -xzO package/build/$$(basename $${package%-*}).min.js \
+			> $(VEGA)/$$(basename $${package%-*}).min.js || exit 1; \
+	done
+
 test: setup
 	$(RUN) pytest
 
+# Jupyter refuses to run as root without --allow-root (containers, CI machines).
 lab: setup
-	$(RUN) jupyter lab
+	$(RUN) jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
+# Tracking servers and the UI without MLflow's GenAI job runner (5 more processes, unused here).
+NO_JOBS := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+SERVER := $(NO_JOBS) $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
+
+# The link to the training runs first: MLflow's UI otherwise opens an experiment on its GenAI view.
 ui: setup
-	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
-
-# Tracking servers without MLflow's GenAI job runner (5 more processes, unused here).
-SERVER := MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow server --backend-store-uri sqlite:///mlflow.db
+	@python3 -c "import sqlite3; db = sqlite3.connect('file:mlflow.db?mode=ro', uri=True); \
+		(found,) = db.execute(\"select experiment_id from experiments where name = 'mnist-lifecycle'\").fetchall(); \
+		print(f'Training runs: http://$(HOST):$(PORT)/#/experiments/{found[0]}?workflowType=machine_learning')" \
+		2>/dev/null || true
+	$(NO_JOBS) $(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
 
 # The seed's tracking server on mlflow.db; clients write artifacts straight into ./artifacts on
 # their own disk, so it serves this machine only. Then: export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)

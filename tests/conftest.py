@@ -20,11 +20,22 @@ SMOKE_TRAIN = {"epochs": 1, "max_train_samples": 3000, "width": 8, "batch_size":
 
 @pytest.fixture(scope="session")
 def mnist_source() -> Path:
+    """$MNIST_SOURCE_DIR, else MNIST downloaded once (as the prepare stage does) into a cache."""
     source = os.environ.get("MNIST_SOURCE_DIR")
-    if not source or not Path(source).is_dir():
-        pytest.fail("set MNIST_SOURCE_DIR to a directory with the four MNIST idx .gz files "
-                    "(.ci/run uses ../shared/data/mnist)")
-    return Path(source).resolve()
+    if source:
+        if not Path(source).is_dir():
+            pytest.fail(f"MNIST_SOURCE_DIR={source} is not a directory: it must hold the four MNIST idx .gz files")
+        return Path(source).resolve()
+    from mnist_lifecycle import data
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-lifecycle" / "mnist"
+    try:
+        if not all((cache / f"{idx.name}.gz").is_file() for idx in data.IDX_FILES):
+            data.fetch_raw(cache)  # each file is written whole or not at all
+        data.verify_raw(cache)
+    except data.DataError as exc:  # its message says what to do without internet
+        pytest.fail(str(exc))
+    return cache
 
 
 def copy_project(destination: Path) -> Path:

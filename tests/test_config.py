@@ -1,5 +1,6 @@
 """Parameters: params/ files, the dataclasses and the notebooks' parameters cells agree."""
 
+import subprocess
 from dataclasses import fields
 
 import papermill
@@ -17,10 +18,20 @@ def test_params_file_dataclass_and_notebook_agree(stage):
     notebook = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"))
     field_names = [f.name for f in fields(config.PARAMS_CLASSES[stage])]
     assert list(from_file) == field_names == list(notebook)
-    # The notebook's defaults are the pipeline's defaults, so JupyterLab runs what dvc repro runs.
-    for name, value in from_file.items():
-        assert notebook[name]["default"] == repr(value).replace("'", '"'), name
+    # The notebook's defaults are the pipeline's defaults, so JupyterLab runs what dvc repro runs:
+    # those of the workspace's params file, or of the committed one while `dvc exp run -S` has
+    # changed the workspace's.
+    candidates = [from_file, committed_params(stage)]
+    defaults = {name: spec["default"] for name, spec in notebook.items()}
+    shown = [{name: repr(value).replace("'", '"') for name, value in values.items()}
+             for values in candidates if values is not None]
+    assert defaults in shown, f"notebook defaults {defaults} match neither params/{stage}.yaml nor its committed version"
     config.load(ROOT, stage)
+
+
+def committed_params(stage: str) -> dict | None:
+    shown = subprocess.run(["git", "show", f"HEAD:params/{stage}.yaml"], cwd=ROOT, capture_output=True, text=True)
+    return yaml.safe_load(shown.stdout) if shown.returncode == 0 else None
 
 
 def test_wrong_type_is_named():

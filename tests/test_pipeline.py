@@ -4,11 +4,13 @@ then what MLflow and the registry hold, what DVC reruns, and how failures are re
 import gzip
 import json
 import shutil
+from pathlib import Path
 
+import nbformat
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import config, data
+from mnist_lifecycle import config, data, tracking
 
 from .conftest import run, set_params
 from .servers import model_server, predict_each
@@ -30,11 +32,13 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
 
     metrics = json.loads((path / "data" / "evaluation" / "metrics.json").read_text())["test"]
     assert 0.9 < metrics["accuracy"] <= 1.0  # 3,000 training images, one epoch of a small net
-    shown = run(["dvc", "metrics", "show", "--json"], path, env).stdout
-    assert "data/evaluation/metrics.json" in shown
+    shown = run(["dvc", "metrics", "show"], path, env).stdout
+    assert "data/evaluation/scores.json" in shown and "test_accuracy" in shown
+    assert max(map(len, shown.splitlines())) <= 120, shown
 
     client = client_for(path)
     train_run = stage_runs(client, "train")[0]
+    figures = 0
     for stage in config.STAGES:
         (stage_run,) = stage_runs(client, stage)
         assert stage_run.info.status == "FINISHED"
@@ -45,6 +49,24 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
                              f"notebook/{config.NOTEBOOKS[stage]}.html"}
         if stage in ("evaluate", "register"):
             assert tags["training_run_id"] == train_run.info.run_id
+        # Names and descriptions a person can tell runs apart by in the MLflow UI.
+        assert stage_run.info.run_name.startswith(f"{stage} · pipeline")
+        assert tags["mlflow.note.content"].startswith("**Result:** ")
+        assert f"\n\n{tracking.STAGE_PURPOSE[stage]}\n\nStarted by: pipeline" in tags["mlflow.note.content"]
+        # Every figure is an image, in the executed notebook and in its HTML in MLflow; no warnings.
+        executed = nbformat.read(path / "data" / "executed" / f"{config.NOTEBOOKS[stage]}.ipynb", as_version=4)
+        cells = [cell for cell in executed.cells if cell.cell_type == "code"]
+        figure_cells = [cell for cell in cells if cell.source.rstrip().endswith("\nfigure")]
+        for cell in figure_cells:
+            assert [o for o in cell.outputs if "image/png" in o.get("data", {})], cell.source
+        figures += len(figure_cells)
+        stderr = "".join(o.text for cell in cells for o in cell.outputs if o.get("name") == "stderr")
+        assert "warn" not in stderr.lower(), stderr
+        html = Path(client.download_artifacts(stage_run.info.run_id, f"notebook/{config.NOTEBOOKS[stage]}.html",
+                                              str(path.parent / "html")))
+        assert html.read_text().count("data:image/png;base64,") >= len(figure_cells)
+    assert figures == 4  # samples, learning curves, confusion matrix, misclassified digits
+    assert train_run.info.run_name.startswith("train · pipeline · epochs=1 lr=0.1 width=8 max_train_samples=3000 · ")
     assert int(train_run.data.params["epochs"]) == 1
     assert "val_accuracy" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1
@@ -56,6 +78,11 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     decision = json.loads((path / "data" / "registry" / "decision.json").read_text())
     assert decision["promoted"] and decision["previous_champion_version"] is None
     assert decision["champion_version"] == str(champion.version)
+    # The decision, in words, on the version and at the end of the register run's description.
+    assert champion.description.startswith(f"mnist-digits version {champion.version} (test accuracy ")
+    assert "promoted to `@champion`" in champion.description and "Champion before: none" in champion.description
+    register_run = stage_runs(client, "register")[0]
+    assert register_run.data.tags["mlflow.note.content"].startswith(f"**Result:** {champion.description}\n\n")
 
     # The README's serving command on the champion: for 1,000 real test images, one request each,
     # it answers the digits the evaluate stage predicted, hence the same accuracy.

@@ -102,7 +102,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     sweep_dir = path / "sweeps" / "smoke"
     for name, child in by_point.items():
         run_id = child.info.run_id
-        assert child.info.status == "FINISHED" and child.info.run_name == name
+        assert child.info.status == "FINISHED" and child.info.run_name == f"{name} · sweep smoke"
         assert child.data.params["epochs"] == "1" and child.data.params["width"] == "8"
         assert 0.7 < child.data.metrics["val_accuracy"] <= 1.0
         assert 0.7 < child.data.metrics["test_accuracy"] <= 1.0
@@ -174,3 +174,6 @@ def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
     runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
     assert sorted(r.data.params["lr"] for r in runs if r.info.status == "FINISHED") == ["0.05", "0.2"]
     assert all(r.info.artifact_uri.startswith((path / "mlartifacts").as_uri()) for r in runs)
+    # Each run's name says which experiment ran it (the prepare run is the pipeline's).
+    assert sorted(r.data.tags["runner"] for r in runs) == sorted(f"dvc exp {name}" for name in names)
+    assert all(r.info.run_name.startswith(f"train · dvc exp {r.data.tags['runner'][8:]} · ") for r in runs)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless under papermill; Jupyter's inline backend still shows figures
-
+# No backend is chosen here: in a kernel pyplot takes Jupyter's inline backend, which gives a figure
+# an image/png representation (forcing Agg left only "<Figure size ...>" text in notebooks);
+# elsewhere matplotlib falls back to Agg by itself when there is no display.
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
@@ -41,6 +40,21 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
     }
 
 
+def headline(metrics: dict) -> dict:
+    """The few numbers `dvc metrics show` and `dvc exp show` put in their columns."""
+    return {"test_accuracy": metrics["accuracy"], "test_errors": metrics["errors"]}
+
+
+def per_class_rows(labels: np.ndarray, predictions: np.ndarray) -> list[dict]:
+    """Per digit: test images, errors, precision and recall; the rows of `dvc plots show`'s bar
+    chart of errors (recall bars would all look alike, at 0.99)."""
+    counts = confusion_matrix(labels, predictions)
+    metrics = classification_metrics(labels, predictions)
+    return [{"digit": digit, "images": int(counts[digit].sum()), "errors": int(counts[digit].sum() - counts[digit, digit]),
+             "precision": metrics["precision"][str(digit)], "recall": metrics["recall"][str(digit)]}
+            for digit in range(NUM_CLASSES)]
+
+
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """{'recall': {'3': 0.99}} -> {'recall_3': 0.99}, the shape mlflow.log_metrics takes."""
     flat = {}
@@ -59,6 +73,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _unmanaged(figure: Figure) -> Figure:
+    """Close the figure in pyplot: the notebook shows it once, as the cell's value (the inline
+    backend would show it again at the cell's end), and pyplot does not keep every figure alive."""
+    plt.close(figure)
+    return figure
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -86,7 +107,7 @@ def digit_grid(images: np.ndarray, titles: list[str], columns: int = 10) -> Figu
         canvas[top : top + size, left : left + size] = images[index]
         axis.text(left + size / 2, top - 1, titles[index], ha="center", va="bottom", fontsize=8)
     axis.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, aspect="auto", interpolation="nearest")
-    return figure
+    return _unmanaged(figure)
 
 
 def learning_curves(history: list[dict]) -> Figure:
@@ -103,7 +124,7 @@ def learning_curves(history: list[dict]) -> Figure:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    return figure
+    return _unmanaged(figure)
 
 
 def confusion_figure(counts: np.ndarray) -> Figure:
@@ -120,4 +141,4 @@ def confusion_figure(counts: np.ndarray) -> Figure:
     axis.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted",
              ylabel="actual", title="Confusion matrix (test set)")
     figure.tight_layout()
-    return figure
+    return _unmanaged(figure)

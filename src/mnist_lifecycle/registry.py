@@ -43,6 +43,16 @@ class Decision:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def description(self) -> str:
+        """The decision in a sentence: the register run's and the model version's description."""
+        before = (f"version {self.previous_champion_version} (test accuracy "
+                  f"{self.previous_champion_test_accuracy:.4f})" if self.previous_champion_version else "none")
+        # Aliases in code spans: the UI renders descriptions as Markdown, where @name is a link.
+        verdict = "promoted to `@champion`" if self.promoted else "not promoted: `@champion` stays"
+        return (f"{self.model_name} version {self.challenger_version} (test accuracy "
+                f"{self.challenger_test_accuracy:.4f}) is `@challenger`, {verdict}. Champion before: "
+                f"{before}. Why: {self.reason}.")
+
 
 def current_champion(model_name: str):
     """The ModelVersion behind `@champion`, or None."""
@@ -116,6 +126,7 @@ def register_and_decide(model_name: str, trained: dict, challenger_accuracy: flo
         "decision": reason,
     }.items():
         client.set_model_version_tag(model_name, version, key, "none" if value is None else str(value))
+    client.update_model_version(model_name, version, description=decision.description())
     return decision
 
 

@@ -44,8 +44,9 @@ def _prepare_recording(root: Path, stage: str):
     from mlflow.tracking import MlflowClient
     from nbconvert import HTMLExporter
 
-    from .tracking import configure
+    from .tracking import configure, quiet_known_warnings
 
+    quiet_known_warnings()  # as in the kernel: MLflow's INFO lines on a new store
     experiment_id = configure(root)  # first: a client opens the store, which configure guards
     exporter = HTMLExporter()
     exporter.from_notebook_node(nbformat.v4.new_notebook())  # the first conversion loads templates
@@ -76,7 +77,10 @@ def record_notebook(client, experiment_id: str, invocation: str, notebook: Path,
 def start_kernel(root: Path) -> AsyncKernelManager:
     """The notebooks' kernel (kernelspec python3: this environment's ipykernel), started in `root`
     with the environment as it is now, without waiting for it to be ready."""
-    kernel = AsyncKernelManager(kernel_name="python3")
+    # Named explicitly, whatever kernel the notebook declares: the project's kernel (make setup) runs
+    # this environment too, and the stage must run where it was never registered. Over IPC (local
+    # sockets) rather than unencrypted TCP, which the kernel warns about on every start.
+    kernel = AsyncKernelManager(kernel_name="python3", transport="ipc")
     # As nbclient starts its own kernels: no IPython history database to write to.
     run_sync(kernel.start_kernel)(cwd=str(root), extra_arguments=["--HistoryManager.hist_file=:memory:"])
     return kernel

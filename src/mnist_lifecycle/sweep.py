@@ -213,7 +213,9 @@ class Runner:
         with log.open("w") as stream:
             result = subprocess.run(
                 [sys.executable, "-m", "papermill", str(self.root / notebook), str(executed),
-                 "-y", json.dumps(parameters), "--cwd", str(self.root), "--log-output", "--no-progress-bar"],
+                 "-y", json.dumps(parameters), "--cwd", str(self.root), "--log-output", "--no-progress-bar",
+                 # This environment's kernel, registered or not (the notebooks name the project's).
+                 "--kernel", "python3"],
                 env=env, stdout=stream, stderr=subprocess.STDOUT,
             )
         error = _notebook_error(executed, log) if result.returncode else ""
@@ -250,7 +252,7 @@ class Runner:
         outcome.seconds = time.perf_counter() - started
         with self.lock:
             if outcome.run_id:
-                tags = {"sweep": self.sweep.name, "sweep_point": point.name, "mlflow.runName": point.name}
+                tags = {"sweep": self.sweep.name, "sweep_point": point.name, "mlflow.runName": f"{point.name} · sweep {self.sweep.name}"}
                 if outcome.error:
                     tags["error"] = outcome.error[:5000]  # MLflow's limit on a tag's value
                 self.client.log_batch(outcome.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

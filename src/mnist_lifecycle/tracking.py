@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import sqlite3
 import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,26 @@ from mlflow.tracking import MlflowClient
 from . import config
 
 EXPERIMENT_NAME = "mnist-lifecycle"  # overridden by $MLFLOW_EXPERIMENT_NAME, as in MLflow itself
+# The experiment's kind, as MLflow's UI records it: model training, not GenAI. MLflow 3.17's UI
+# chooses its view by its "GenAI / Model training" switch instead (remembered per browser, or
+# ?workflowType=machine_learning in the link: see README), and reads this tag where that switch is off.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+RUN_DESCRIPTION_TAG = "mlflow.note.content"  # what the UI shows (and edits) as the run's description
+
+# What a stage does, in its run's description (after the result).
+STAGE_PURPOSE = {
+    "prepare": "Verifies the four MNIST files by content and writes the train/validation/test split.",
+    "train": "Trains the digit classifier and logs it as an MLflow model.",
+    "evaluate": "Scores the trained model on the 10,000 test images.",
+    "register": "Registers the evaluated model as `@challenger` and decides whether it becomes `@champion`.",
+}
+# The parameters that tell one run of a stage from another, shown in its name.
+NAMED_PARAMS = {
+    "prepare": ("val_size", "split_seed"),
+    "train": ("epochs", "lr", "width", "max_train_samples"),
+    "evaluate": (),
+    "register": ("min_improvement",),
+}
 
 
 def sqlite_file(tracking_uri: str) -> Path | None:
@@ -65,11 +88,14 @@ def configure(root: Path) -> str:
         local = mlflow.get_tracking_uri().startswith("sqlite:")
         location = (config.tracking_root(root) / "mlartifacts").as_uri() if local else None
         try:
-            return mlflow.create_experiment(name, artifact_location=location)
+            return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:
             experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by another writer
             if experiment is None:
                 raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:  # an experiment created before the tag was set
+            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
 
@@ -95,6 +121,59 @@ def provenance_tags(root: Path, stage: str, params) -> dict[str, str]:
     }
 
 
+def runner() -> str:
+    """What started this stage: "sweep", "dvc exp <name>", "pipeline" (the stage runner under dvc
+    repro), "jupyter" (a notebook run by hand) or "python"."""
+    if os.environ.get(config.PARENT_RUN_ENV):
+        return "sweep"
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` for the commands of its stages
+        return f"dvc exp {os.environ['DVC_EXP_NAME']}"
+    if os.environ.get(config.INVOCATION_ENV):
+        return "pipeline"
+    return "jupyter" if "ipykernel" in sys.modules else "python"
+
+
+def describe_run(stage: str, params, commit: str, started_by: str) -> tuple[str, str]:
+    """(run name, description) a person can tell runs apart by in the MLflow UI."""
+    values = config.as_dict(params)
+    shown = " ".join(f"{name}={values[name]}" for name in NAMED_PARAMS[stage]
+                     if not (name == "max_train_samples" and values[name] == 0))  # 0: all
+    short = commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+    # Stage and runner first: the UI's run table shows the first ~25 characters of a name.
+    name = " · ".join(filter(None, [stage, started_by, shown, short]))
+    description = (f"{STAGE_PURPOSE[stage]}\n\nStarted by: {started_by}, from `notebooks/{config.NOTEBOOKS[stage]}.ipynb` "
+                   f"at commit `{commit}`. Parameters: "
+                   + ", ".join(f"`{key}={value!r}`" for key, value in values.items()) + ".")
+    return name, description
+
+
+def end_stage_run(outcome: str) -> None:
+    """End the active stage run, with what it found (`outcome`) first in its description: the
+    UI shows a description's first lines only."""
+    run = mlflow.active_run()
+    if run is not None:
+        description = MlflowClient().get_run(run.info.run_id).data.tags.get(RUN_DESCRIPTION_TAG, "")
+        mlflow.set_tag(RUN_DESCRIPTION_TAG, f"**Result:** {outcome}\n\n{description}".strip())
+    mlflow.end_run()
+
+
+def _not_about_pip_version(record: logging.LogRecord) -> bool:
+    # MLflow writes conda.yaml with an unpinned pip when pip is not installed (uv's environments).
+    return "Failed to resolve installed pip version" not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    """Silence the library warnings a stage triggers that ask nothing of the user (they appeared in
+    every stage's output, every notebook and its HTML in MLflow). Idempotent."""
+    # torch's model export, for weights that are not on the CPU (ours always are).
+    warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+    logging.getLogger("mlflow.utils.environment").addFilter(_not_about_pip_version)
+    # MLflow's INFO lines: "Detected uv project" on every model logged, "Creating initial MLflow
+    # database tables" on a new sqlite store.
+    for name in ("mlflow.utils.uv_utils", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] | None = None):
     """Start the stage's MLflow run with provenance tags and the parameters.
 
@@ -102,12 +181,15 @@ def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] |
     Under a sweep the run is nested (tag `mlflow.parentRunId`) in the sweep's run, named by
     $MNIST_PARENT_RUN_ID.
     """
+    quiet_known_warnings()
     experiment_id = configure(root)
     close_abandoned_runs(experiment_id)
     tags = provenance_tags(root, stage, params)
     if os.environ.get(config.INVOCATION_ENV):
         tags["stage_invocation"] = os.environ[config.INVOCATION_ENV]
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={**tags, **(extra_tags or {})},
+    tags["runner"] = runner()
+    run_name, tags[RUN_DESCRIPTION_TAG] = describe_run(stage, params, tags["git_commit"], tags["runner"])
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **(extra_tags or {})},
                            parent_run_id=os.environ.get(config.PARENT_RUN_ENV) or None)
     mlflow.log_params(config.as_dict(params))
     return run
@@ -147,7 +229,16 @@ def log_dataset(prepared_dir: Path, split: str) -> None:
 
     images, labels = load_split(prepared_dir, split)
     dataset = mlflow.data.from_numpy(
-        images, targets=labels, source=str(prepared_dir / f"{split}_images.npy"),
+        images, targets=labels, source=_local_source(prepared_dir / f"{split}_images.npy"),
         name=f"mnist-{split}", digest=dataset_digest(prepared_dir, split)[:16],
     )
     mlflow.log_input(dataset, context=split)
+
+
+def _local_source(path: Path):
+    """A local file as a dataset source. MLflow registers two local source classes (for URIs with
+    and without `file:`), so resolving a bare path warns that it is ambiguous: pick one."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    local = next(source for source in get_registered_sources() if source._get_source_type() == "local")
+    return resolve_dataset_source(str(path), candidate_sources=[local])
