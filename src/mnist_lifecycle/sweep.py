@@ -140,9 +140,10 @@ def load_sweep(root: Path, path: Path) -> Sweep:
     for index, values in enumerate(sets, start=1):
         name = _point_name(index, values)
         try:
-            params = config.validate("train", {**base, **fixed, **values})
+            # params/train.yaml passed config.load: a bad value here comes from the sweep file.
+            params = config.validate("train", {**base, **fixed, **values}, source=str(shown))
         except config.ParamsError as exc:
-            raise SweepError(f"{shown}: point {name}: {exc}") from exc
+            raise SweepError(f"point {name}: {exc}") from exc
         points.append(Point(name, params))
     swept = [name for name in takes if len({getattr(p.params, name) for p in points}) > 1]
     return Sweep(path.stem, path, points, swept, evaluate)
