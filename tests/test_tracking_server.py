@@ -216,7 +216,7 @@ def test_compose_publishes_only_on_loopback_by_default():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     published = {name: [interpolate(port, {}) for port in service.get("ports", [])]
                  for name, service in services.items()}
-    assert published == {"postgres": [], "minio": [], "minio-bucket": [],
+    assert published == {"secrets-check": [], "postgres": [], "minio": [], "minio-bucket": [], "reader-account": [],
                          "tracking": ["127.0.0.1:5000:5000"], "model-server": ["127.0.0.1:9201:9201"]}
 
 
@@ -225,3 +225,74 @@ def test_tracking_server_image_pins_the_locked_versions():
     locked = dict(re.findall(r"^([\w-]+)==([\w.]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE))
     assert set(pins) == {"mlflow", "psycopg", "boto3"}
     assert {name: locked[name] for name in pins} == pins
+
+
+ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
+CHECK_SECRETS = ROOT / "deploy" / "check_secrets.py"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose .env file."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def service_env(service: dict, variables: dict[str, str]) -> dict[str, str]:
+    return {name: interpolate(value, variables) for name, value in service["environment"].items()}
+
+
+def check_secrets(service: dict, variables: dict[str, str]) -> subprocess.CompletedProcess:
+    """The secrets-check service's command, run here with its interpolated environment."""
+    command = service["command"]
+    assert command[:2] == ["python", "/opt/deploy/check_secrets.py"]
+    return subprocess.run([sys.executable, str(CHECK_SECRETS), *command[2:]],
+                          env={**isolated_env(), **service_env(service, variables)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_env_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/.env"], cwd=ROOT)
+    assert ignored.returncode == 0
+    assert not subprocess.run(["git", "ls-files", "deploy/.env"], cwd=ROOT, capture_output=True,
+                              text=True).stdout
+
+
+def test_stack_refuses_to_start_on_placeholder_empty_or_short_secrets():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    check = services["secrets-check"]
+    names = check["command"][2:]
+    # Every secret compose reads is checked: each ${...PASSWORD...:?} or ${...SECRET...:?}.
+    required = set(re.findall(r"\$\{(\w*(?:PASSWORD|SECRET)\w*):\?", COMPOSE.read_text()))
+    assert set(names) == set(check["environment"]) == required
+    # Every other service waits for the check, directly or through what it depends on.
+    def waits(name: str) -> bool:
+        depends = services[name].get("depends_on", {})
+        return "secrets-check" in depends or any(waits(other) for other in depends)
+    assert all(waits(name) for name in services if name != "secrets-check")
+
+    example = env_file(ENV_EXAMPLE)
+    refused = check_secrets(check, example)
+    assert refused.returncode == 1
+    for name in names:
+        assert f"deploy/.env: {name} still holds the placeholder {example[name]!r}" in refused.stderr
+
+    strong = {**example, **{name: secrets.token_urlsafe(24) for name in names}}
+    accepted = check_secrets(check, strong)
+    assert accepted.returncode == 0, accepted.stderr
+    short = check_secrets(check, {**strong, "MLFLOW_SECRET_KEY": "abc123"})
+    assert short.returncode == 1 and "MLFLOW_SECRET_KEY has 6 characters; use at least 16" in short.stderr
+    # An empty or unset secret stops compose itself, naming the variable (its ${VAR:?} check) ...
+    with pytest.raises(KeyError, match="MLFLOW_READER_PASSWORD: set MLFLOW_READER_PASSWORD in deploy/.env"):
+        service_env(check, {**strong, "MLFLOW_READER_PASSWORD": ""})
+    # ... and the script as well, should it be run on its own.
+    blank = subprocess.run([sys.executable, str(CHECK_SECRETS), "POSTGRES_PASSWORD"], capture_output=True,
+                           text=True, env={**isolated_env(), "POSTGRES_PASSWORD": " "})
+    assert blank.returncode == 1 and "POSTGRES_PASSWORD is empty" in blank.stderr
+
+
+def test_model_server_gets_the_read_only_account_not_the_admin():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    model_server_env = " ".join(services["model-server"]["environment"].values())
+    assert "ADMIN" not in model_server_env and "MLFLOW_READER_PASSWORD" in model_server_env
+    assert "reader-account" in services["model-server"]["depends_on"]
