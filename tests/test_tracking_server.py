@@ -84,6 +84,8 @@ def team_server(directory: Path, postgres: Postgres) -> tuple[Server, Path, dict
     # The file compose mounts at that path; the working directory (a volume there) holds basic_auth.db.
     mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(COMPOSE.parent / mounted[env["MLFLOW_AUTH_CONFIG_PATH"]])
+    # The directory of the mounted auth module (basic_auth.ini's authorization_function).
+    env["PYTHONPATH"] = str((COMPOSE.parent / mounted[f"{env['PYTHONPATH']}/auth_throttle.py"]).parent)
     command = [interpolate(part, variables) for part in service["command"]]
     port = free_port()
     command[command.index("--host") + 1] = "127.0.0.1"
@@ -405,3 +407,29 @@ def test_permissions_of_anonymous_reader_owner_and_admin(servers):
     assert reader.call("POST", "mlflow/experiments/create", json={"name": "reader-own"}).status_code == 200
     assert len(outcome) == 4 * 4 * 3
     assert {key: status for key, status in outcome.items() if status != expected[key]} == {}
+
+
+def test_wrong_password_flood_is_refused_without_locking_out_verified_clients(servers):
+    """deploy/auth_throttle.py on the real server: once the password-check budget is spent, wrong
+    passwords get 429 with Retry-After, while a client verified before keeps getting 200.
+    (How much a flood slows valid clients is measured by benchmarks/auth_flood.py.)"""
+    import requests
+
+    username = servers.team_credentials["MLFLOW_TRACKING_USERNAME"]
+    search = f"{servers.team.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    valid = requests.Session()
+    valid.auth = (username, servers.team_credentials["MLFLOW_TRACKING_PASSWORD"])
+    assert valid.get(search, timeout=60).status_code == 200
+    statuses, retry_after = [], set()
+    with requests.Session() as guesser:
+        for attempt in range(200):  # bounded; 4 workers x a burst of 5 checks are spent long before
+            guesser.auth = (username, f"guess-{attempt}")
+            response = guesser.get(search, timeout=60)
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                retry_after.add(response.headers["Retry-After"])
+                if statuses.count(429) >= 5:
+                    break
+            assert valid.get(search, timeout=60).status_code == 200
+    assert set(statuses) == {401, 429} and statuses.count(429) == 5, statuses
+    assert all(value.isdigit() and int(value) >= 1 for value in retry_after)
