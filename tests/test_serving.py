@@ -135,7 +135,7 @@ def test_predict_accepts_every_documented_form_of_one_image(server, champion, mn
                for answer in answers)
 
 
-def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, mnist):
+def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, champion, mnist):
     url, _ = server
     assert requests.get(f"{url}/ping").status_code == 200
     assert requests.get(f"{url}/health").status_code == 200
@@ -152,9 +152,20 @@ def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, mnist):
     assert len(body["schema"]["properties"]["image"]["oneOf"]) == 4
     assert "0-255" in body["schema"]["properties"]["image"]["description"]
     assert {"200", "400", "413", "415", "422"} <= set(operation["responses"])
-    # The published example is itself a valid request.
+    # The published example is a real digit (MNIST's first test image, a 7) and a valid request.
+    assert body["example"]["image"] == mnist[2][0].tolist() and mnist[3][0] == 7
     example = requests.post(f"{url}/predict", json=body["example"])
-    assert example.status_code == 200 and 0 <= example.json()["digit"] <= 9
+    assert example.status_code == 200 and example.json()["digit"] == int(champion[1][0].argmax())
+    invocations_example = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]
+    assert requests.post(f"{url}/invocations", json=invocations_example["example"]).status_code == 200
+    for route in serving.TEXT_ROUTES:
+        assert list(spec["paths"][route]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert spec["info"]["title"] == "MNIST digit classifier"
+    # /docs works offline: Swagger UI's files come from this server.
+    docs = requests.get(f"{url}/docs").text
+    assets = re.findall(r'(?:href|src)="([^"]+)"', docs)
+    assert assets and all(asset.startswith("/docs/assets/") for asset in assets), assets
+    assert all(requests.get(f"{url}{asset}").status_code == 200 for asset in assets)
 
 
 def rows(value: float, height: int = 28, width: int = 28) -> list:
@@ -498,10 +509,13 @@ def test_schemathesis_finds_no_server_error_nor_schema_violation(server, tmp_pat
     report = tmp_path / "schemathesis.json"
     result = subprocess.run(
         [str(VENV_BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all", "--mode", "all",
-         "--phases", "examples,coverage,fuzzing", "--max-examples", "25", "--seed", "1", "--workers", "1",
+         "--phases", "examples,coverage,fuzzing", "--max-examples", "60", "--seed", "1", "--workers", "1",
          "--generation-database", "none", "--no-color", "--request-timeout", "30",
          "--report", "json", "--report-json-path", str(report)],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
-    print(result.stdout[-3000:])
+    generated = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert generated and generated[1] == generated[2] and int(generated[1]) >= 250, result.stdout[-3000:]
+    assert "Tested: 5" in result.stdout  # /predict, /invocations, /ping, /health, /version
+    print(generated[0])  # the figure of docs/serving.md
     assert process.poll() is None

@@ -387,7 +387,7 @@ def create_app(model_uri: str | None = None, threads: int | None = None) -> Requ
             return Response(error.body(), status_code=error.status, media_type="application/json")
 
     app.add_api_route(
-        "/predict", predict_route, methods=["POST"], summary="Classify handwritten digits",
+        "/predict", predict_route, methods=["POST"], summary="Classify handwritten digits", operation_id="predict",
         description=PREDICT_DESCRIPTION, response_class=Response,
         openapi_extra={"requestBody": openapi_request(), "responses": openapi_responses()},
     )
