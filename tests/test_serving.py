@@ -335,10 +335,14 @@ def test_invocations_gets_the_same_policy_and_answers_valid_batches_as_before(se
     assert process.poll() is None
 
 
-@pytest.mark.parametrize("route", serving.TEXT_ROUTES)
-def test_text_routes_ignore_bodies_refuse_other_methods_and_say_they_answer_text(server, route):
+@pytest.mark.parametrize("route", [*serving.TEXT_ROUTES, "/openapi.json", "/docs"])
+def test_get_routes_ignore_bodies_refuse_other_methods_and_answer_what_they_say(server, route):
     url, process = server
-    expected = mlflow.__version__ if route == "/version" else "\n"
+    first = requests.get(f"{url}{route}")
+    media_type = {"/openapi.json": "application/json", "/docs": "text/html"}.get(route, "text/plain")
+    assert first.status_code == 200 and first.headers["content-type"].startswith(media_type)
+    if route in serving.TEXT_ROUTES:
+        assert first.text == (mlflow.__version__ if route == "/version" else "\n")
     bodies = [(what, body, content_type) for what, body, content_type, _, _ in bad_requests()]
     cases = [*bodies, ("64 MiB body", b"0" * (64 * 2**20), "text/plain")]
     assert len(cases) >= 50
@@ -348,7 +352,7 @@ def test_text_routes_ignore_bodies_refuse_other_methods_and_say_they_answer_text
             response = session.get(f"{url}{route}", data=body, headers={"Content-Type": content_type})
             wanted = 413 if len(body) > serving.MAX_BODY_BYTES else 200
             if response.status_code != wanted or wanted == 200 and (
-                    response.text != expected or not response.headers["content-type"].startswith("text/plain")):
+                    response.text != first.text or response.headers["content-type"] != first.headers["content-type"]):
                 failures.append(f"{what}: {response.status_code} {response.headers.get('content-type')} "
                                 f"{response.text[:200]!r}")
         for method in ("POST", "PUT", "DELETE", "PATCH"):

@@ -56,7 +56,7 @@ def test_wrong_type_and_malformed_files_are_explained(bare_project):
         ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate"),
         ({"fixed": {"epochs": 1}}, r"no points; give a grid, points or both"),
         ({"grid": {"lr": [0.1, 0.0]}}, r"point 02_lr=0\.0: params/sweeps/bad\.yaml:lr = 0\.0: must be a finite "
-                                      r"number > 0 and <= 10"),
+                                      r"number > 0$"),
     ]
     for spec, message in cases:
         with pytest.raises(sweep.SweepError, match=message):

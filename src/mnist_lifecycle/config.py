@@ -88,7 +88,9 @@ def integer(low: int, high: int, multiple_of: int = 1) -> Rule:
 
 def number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
     """A finite float within [low, high], either end open if told."""
-    words = f"a finite number {'>' if low_open else '>='} {low:g} and {'<' if high_open else '<='} {high:g}"
+    words = f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high != math.inf:
+        words += f" and {'<' if high_open else '<='} {high:g}"
     return Rule(words, lambda v: math.isfinite(v) and (low < v if low_open else low <= v)
                 and (v < high if high_open else v <= high))
 
@@ -118,7 +120,9 @@ class PrepareParams:
 class TrainParams:
     epochs: int = rule(integer(1, 1000))
     batch_size: int = rule(integer(1, TRAIN_IMAGES))
-    lr: float = rule(number(0, 10, low_open=True))  # peak of the one-cycle schedule
+    # peak of the one-cycle schedule; too high a rate diverges, which training reports (a result,
+    # not a parameter error: sweeps look for that edge)
+    lr: float = rule(number(0, math.inf, low_open=True))
     weight_decay: float = rule(number(0, 1))
     label_smoothing: float = rule(number(0, 1, high_open=True))
     # random translation in pixels; 0 = no augmentation; half the image would shift the digit out

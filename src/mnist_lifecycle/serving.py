@@ -23,6 +23,7 @@ going through `pyfunc.predict` and pandas (see benchmarks/serving.py for the num
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -314,7 +315,6 @@ def document_app(app) -> None:
     """Title, the true answers of MLflow's text routes, and /docs on local Swagger UI files."""
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui import core as swagger_ui
 
     app.title = "MNIST digit classifier"
     app.version = version("mnist-lifecycle")
@@ -323,7 +323,8 @@ def document_app(app) -> None:
                        "(docs/serving.md).")
     app.router.routes = [route for route in app.router.routes
                          if getattr(route, "path", None) not in ("/docs", "/docs/oauth2-redirect")]
-    assets = Path(swagger_ui.__file__).parent / "static"
+    # The package's files only: importing it would load its web-framework adapters.
+    assets = Path(importlib.util.find_spec("swagger_ui").submodule_search_locations[0]) / "static"
     app.mount("/docs/assets", StaticFiles(directory=assets), name="swagger-ui")
 
     async def docs():
