@@ -36,9 +36,9 @@ def committed_params(stage: str) -> dict | None:
 
 def test_wrong_type_is_named():
     values = yaml.safe_load((ROOT / "params" / "train.yaml").read_text())
-    with pytest.raises(config.ParamsError, match=r"train\.epochs must be int, got str 'three'"):
+    with pytest.raises(config.ParamsError, match=r"^params/train\.yaml:epochs = 'three': must be int, got str$"):
         config.validate("train", {**values, "epochs": "three"})
-    with pytest.raises(config.ParamsError, match=r"train\.epochs must be int, got bool"):
+    with pytest.raises(config.ParamsError, match=r"^params/train\.yaml:epochs = True: must be int, got bool$"):
         config.validate("train", {**values, "epochs": True})
     assert config.validate("train", {**values, "lr": 1}).lr == 1.0  # an int is a fine float
 
@@ -64,3 +64,52 @@ def test_presets_are_valid_train_parameters():
     assert presets
     for preset in presets:
         config.validate("train", yaml.safe_load(preset.read_text()))
+
+
+# (stage, parameter, refused values, accepted values, the allowed range as the message says it).
+RULES = [
+    ("prepare", "val_size", [0, -5, 60_000], [1, 5000, 59_999], "an integer from 1 to 59,999"),
+    ("prepare", "split_seed", [-1, 2**32], [0, 2**32 - 1], "an integer from 0 to 4,294,967,295"),
+    ("prepare", "source_dir", ["bad\0path"], ["", "/data/mnist"], "a directory path, or empty"),
+    ("train", "epochs", [0, -1, 1001], [1, 1000], "an integer from 1 to 1,000"),
+    ("train", "batch_size", [0, -64, 60_001], [1, 60_000], "an integer from 1 to 60,000"),
+    ("train", "lr", [0.0, -1.0, float("nan"), float("inf")], [1e-6, 0.1, 1e5], "a finite number > 0"),
+    ("train", "weight_decay", [-1e-4, float("nan"), 1.5], [0.0, 1.0], "a finite number >= 0 and <= 1"),
+    ("train", "label_smoothing", [-0.1, 1.0, float("nan")], [0.0, 0.99], "a finite number >= 0 and < 1"),
+    ("train", "augment_shift", [-1, 14], [0, 13], "an integer from 0 to 13"),
+    ("train", "width", [0, 3, 12, 264], [8, 16, 256], "a multiple of 8 from 8 to 256"),
+    ("train", "dropout", [-0.5, 1.0, float("inf")], [0.0, 0.5], "a finite number >= 0 and < 1"),
+    ("train", "seed", [-1, 2**32], [0, 2**32 - 1], "an integer from 0 to 4,294,967,295"),
+    ("train", "max_train_samples", [-1, 60_001], [0, 3000, 60_000], "an integer from 0 to 60,000"),
+    ("evaluate", "misclassified_shown", [-1, 10_001], [0, 10_000], "an integer from 0 to 10,000"),
+    ("register", "model_name", ["", "a/b", "my model", "-x", "x" * 257], ["mnist-digits", "m.v_2"],
+     "a name of letters, digits, '.', '_' or '-'"),
+    ("register", "min_improvement", [-0.01, 1.5, float("nan")], [0.0, 0.005, 1.0],
+     "a finite number >= 0 and <= 1"),
+]
+
+
+def test_every_parameter_has_a_rule_with_a_test():
+    tested = {(stage, name) for stage, name, *_ in RULES}
+    assert tested == {(stage, f.name) for stage, cls in config.PARAMS_CLASSES.items() for f in fields(cls)}
+
+
+@pytest.mark.parametrize("stage, name, refused, accepted, allowed", RULES, ids=[f"{r[0]}.{r[1]}" for r in RULES])
+def test_out_of_range_values_are_refused_naming_file_parameter_value_and_range(stage, name, refused, accepted,
+                                                                                allowed):
+    values = yaml.safe_load((ROOT / "params" / f"{stage}.yaml").read_text())
+    for value in accepted:
+        assert getattr(config.validate(stage, {**values, name: value}), name) == value
+    for value in refused:
+        with pytest.raises(config.ParamsError) as error:
+            config.validate(stage, {**values, name: value})
+        assert str(error.value).startswith(f"params/{stage}.yaml:{name} = {value!r}: must be {allowed}")
+
+
+def test_load_names_the_file_it_read(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "train.yaml").write_text((ROOT / "params" / "train.yaml").read_text()
+                                                    .replace("batch_size: 128", "batch_size: 0"))
+    with pytest.raises(config.ParamsError, match=r"^params/train\.yaml:batch_size = 0: must be an integer "
+                                                 r"from 1 to 60,000$"):
+        config.load(tmp_path, "train")

@@ -144,5 +144,14 @@ def test_wrong_parameter_type_stops_before_running(project):
     set_params(path, "train", epochs="three")
     result = run(["python", "-m", "mnist_lifecycle.stage", "train"], path, env, check=False)
     assert result.returncode == 2
-    assert "train.epochs must be int, got str 'three'" in result.stderr
+    assert "params/train.yaml:epochs = 'three': must be int, got str" in result.stderr
     assert not (path / "mlflow.db").exists()  # nothing started, nothing logged
+
+
+def test_parameter_out_of_range_stops_before_running(project):
+    path, env = project
+    set_params(path, "train", batch_size=0)
+    result = run(["python", "-m", "mnist_lifecycle.stage", "train"], path, env, check=False)
+    assert result.returncode == 2
+    assert "params/train.yaml:batch_size = 0: must be an integer from 1 to 60,000" in result.stderr
+    assert not (path / "mlflow.db").exists()  # no kernel, no run

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +81,14 @@ def champion(tmp_path_factory, mnist):
     return tracking_uri, probabilities
 
 
+SERVER_LOGS = {}  # process id -> log file of the module's server
+BODY_TIMEOUT = 3  # seconds, short so that the stalled-client test is quick
+
+
+def server_log(process) -> Path:
+    return SERVER_LOGS[process.pid]
+
+
 @pytest.fixture(scope="module")
 def server(champion, tmp_path_factory):
     """`python -m mnist_lifecycle.serving` with its default model URI, on a free port."""
@@ -86,7 +96,9 @@ def server(champion, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port)]
-    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, log) as process:
+    env = isolated_env(MLFLOW_TRACKING_URI=tracking_uri, MNIST_SERVING_BODY_TIMEOUT=str(BODY_TIMEOUT))
+    with running(command, port, env, ROOT, log) as process:
+        SERVER_LOGS[process.pid] = log
         yield f"http://127.0.0.1:{port}", process
 
 
@@ -125,7 +137,7 @@ def test_predict_accepts_every_documented_form_of_one_image(server, champion, mn
                for answer in answers)
 
 
-def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, mnist):
+def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, champion, mnist):
     url, _ = server
     assert requests.get(f"{url}/ping").status_code == 200
     assert requests.get(f"{url}/health").status_code == 200
@@ -142,9 +154,20 @@ def test_server_keeps_mlflow_routes_and_publishes_the_contract(server, mnist):
     assert len(body["schema"]["properties"]["image"]["oneOf"]) == 4
     assert "0-255" in body["schema"]["properties"]["image"]["description"]
     assert {"200", "400", "413", "415", "422"} <= set(operation["responses"])
-    # The published example is itself a valid request.
+    # The published example is a real digit (MNIST's first test image, a 7) and a valid request.
+    assert body["example"]["image"] == mnist[2][0].tolist() and mnist[3][0] == 7
     example = requests.post(f"{url}/predict", json=body["example"])
-    assert example.status_code == 200 and 0 <= example.json()["digit"] <= 9
+    assert example.status_code == 200 and example.json()["digit"] == int(champion[1][0].argmax())
+    invocations_example = spec["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]
+    assert requests.post(f"{url}/invocations", json=invocations_example["example"]).status_code == 200
+    for route in serving.TEXT_ROUTES:
+        assert list(spec["paths"][route]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert spec["info"]["title"] == "MNIST digit classifier"
+    # /docs works offline: Swagger UI's files come from this server.
+    docs = requests.get(f"{url}/docs").text
+    assets = re.findall(r'(?:href|src)="([^"]+)"', docs)
+    assert assets and all(asset.startswith("/docs/assets/") for asset in assets), assets
+    assert all(requests.get(f"{url}{asset}").status_code == 200 for asset in assets)
 
 
 def rows(value: float, height: int = 28, width: int = 28) -> list:
@@ -236,24 +259,142 @@ def test_bad_requests_get_clear_4xx_json_errors_and_the_server_keeps_serving(ser
     url, process = server
     cases = bad_requests()
     assert len(cases) >= 50
-    failures = []
+    failures = post_each(f"{url}/predict", cases)
     with requests.Session() as session:
-        for what, body, content_type, status, words in cases:
-            headers = {"Content-Type": content_type} if content_type else {}
-            response = session.post(f"{url}/predict", data=body, headers=headers)
-            try:
-                error = response.json()
-            except ValueError:
-                error = {}
-            if (response.status_code != status or set(error) != {"error_code", "message"}
-                    or words not in error["message"]):
-                failures.append(f"{what}: {response.status_code} {response.text[:300]}")
         # Not /predict's contract at all: still a 4xx JSON answer.
         wrong_method = session.get(f"{url}/predict")
         assert wrong_method.status_code == 405 and wrong_method.json()
         assert predict(session, url, mnist[2][0].tolist())["digit"] in range(10)
     assert not failures, "\n".join(failures)
     assert process.poll() is None
+
+
+def invocation_requests() -> list[tuple[str, bytes, str, int, str]]:
+    """/predict's bad requests with its key renamed to MLflow's "inputs" (same status; the message
+    may differ, e.g. a single image is refused for its shape there), and the requests that broke
+    MLflow's own handler."""
+    json_type = "application/json"
+    single = [rows(0)]
+    renamed = []
+    for what, body, content_type, status, words in bad_requests():
+        if body.startswith(b'{"image": '):
+            body = b'{"inputs": ' + body[len(b'{"image": '):]
+        words = ""
+        renamed.append((what, body, content_type, status, words))
+    ok = json.dumps({"inputs": single}).encode()
+    return [
+        *renamed,
+        ("64 MiB body", b'{"inputs": [' + b"0," * (32 * 2**20) + b"0]}", json_type, 413, "exceeds the limit"),
+        ("nested 1000 lists deep", b'{"inputs": ' + b"[" * 1000 + b"0" + b"]" * 1000 + b"}", json_type, 422,
+         "inputs[0][0][0] is a list of 1, expected a number"),
+        ("no content type (MLflow: 500)", ok, "", 415, "no Content-Type"),
+        ("1e308 (MLflow: NaN probabilities)", json.dumps({"inputs": [[[1e308] * 28] * 28]}).encode(),
+         json_type, 422, "inputs[0][0][0] = 1e+308 is outside 0-255"),
+        ("256", json.dumps({"inputs": [rows(256)]}).encode(), json_type, 422, "= 256 is outside 0-255"),
+        ("booleans", json.dumps({"inputs": [[[True] * 28] * 28]}).encode(), json_type, 422, "is a boolean"),
+        ("one image, not a batch", json.dumps({"inputs": rows(0)}).encode(), json_type, 422,
+         "inputs has shape 28 x 28; expected a batch of images, N x 28 x 28"),
+        ("flat batch", json.dumps({"inputs": [[0] * 784]}).encode(), json_type, 422, "shape 1 x 784"),
+        ("dataframe_split", json.dumps({"dataframe_split": {"columns": ["a"], "data": [[1]]}}).encode(),
+         json_type, 422, "dataframe forms are not accepted"),
+        ("inputs and params", json.dumps({"inputs": single, "params": {"x": 1}}).encode(), json_type, 422,
+         "unexpected key(s) ['params']"),
+        ("instances and inputs", json.dumps({"inputs": single, "instances": single}).encode(), json_type, 422,
+         "unexpected key(s)"),
+        ("CSV", b"a,b\n1,2\n", "text/csv", 415, "application/json"),
+        ("latin-1 charset", ok, "application/json; charset=latin-1", 415, "charset utf-8"),
+        ("unknown content-type parameter", ok, "application/json; format=pandas-split", 415, "charset utf-8"),
+    ]
+
+
+def post_each(url: str, cases) -> list[str]:
+    """POST each (what, body, content type, status, words) on one connection: the mismatches."""
+    failures = []
+    with requests.Session() as session:
+        for what, body, content_type, status, words in cases:
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = session.post(url, data=body, headers=headers)
+            try:
+                error = response.json()
+            except ValueError:
+                error = {}
+            if (response.status_code != status or set(error) != {"error_code", "message"}
+                    or words not in error["message"] or len(error["message"]) < 20):
+                failures.append(f"{what}: {response.status_code} {response.text[:300]}")
+    return failures
+
+
+def test_invocations_gets_the_same_policy_and_answers_valid_batches_as_before(server, champion, mnist):
+    url, process = server
+    cases = invocation_requests()
+    assert len(cases) >= 50
+    failures = post_each(f"{url}/invocations", cases)
+    assert not failures, "\n".join(failures)
+    for key in ("inputs", "instances"):
+        answer = requests.post(f"{url}/invocations", json={key: mnist[2][:5].tolist()})
+        assert answer.status_code == 200, answer.text
+        assert np.allclose(answer.json()["predictions"], champion[1][:5], atol=1e-5)
+    assert process.poll() is None
+
+
+@pytest.mark.parametrize("route", [*serving.TEXT_ROUTES, "/openapi.json", "/docs"])
+def test_get_routes_ignore_bodies_refuse_other_methods_and_answer_what_they_say(server, route):
+    url, process = server
+    first = requests.get(f"{url}{route}")
+    media_type = {"/openapi.json": "application/json", "/docs": "text/html"}.get(route, "text/plain")
+    assert first.status_code == 200 and first.headers["content-type"].startswith(media_type)
+    if route in serving.TEXT_ROUTES:
+        assert first.text == (mlflow.__version__ if route == "/version" else "\n")
+    bodies = [(what, body, content_type) for what, body, content_type, _, _ in bad_requests()]
+    cases = [*bodies, ("64 MiB body", b"0" * (64 * 2**20), "text/plain")]
+    assert len(cases) >= 50
+    failures = []
+    with requests.Session() as session:
+        for what, body, content_type in cases:
+            response = session.get(f"{url}{route}", data=body, headers={"Content-Type": content_type})
+            wanted = 413 if len(body) > serving.MAX_BODY_BYTES else 200
+            if response.status_code != wanted or wanted == 200 and (
+                    response.text != first.text or response.headers["content-type"] != first.headers["content-type"]):
+                failures.append(f"{what}: {response.status_code} {response.headers.get('content-type')} "
+                                f"{response.text[:200]!r}")
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            response = session.request(method, f"{url}{route}", data=b"{}")
+            if response.status_code != 405 or "detail" not in response.json():
+                failures.append(f"{method}: {response.status_code} {response.text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert process.poll() is None
+
+
+def test_stalled_and_vanishing_clients_are_dropped_with_one_log_line(server):
+    """A body that stops arriving is answered 408 and its connection closed after the body
+    timeout; a client that leaves mid-body is one log line, never a traceback."""
+    url, process = server
+    port = int(url.rsplit(":", 1)[1])
+    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+        stalled.sendall(head + b'{"image": [')
+        answer = b""
+        while chunk := stalled.recv(65536):  # ends when the server closes the connection
+            answer += chunk
+    waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"did not arrive within" in answer
+    assert BODY_TIMEOUT <= waited < BODY_TIMEOUT + 10
+
+    log = Path(server_log(process))
+    before = log.read_text()
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as leaving:
+            leaving.sendall(head + b'{"image": [0, 0')
+    deadline = time.monotonic() + 30
+    while log.read_text().count("went away") - before.count("went away") < 50 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    added = log.read_text()[len(before):]
+    assert added.count("went away") == 50, added[-3000:]
+    assert "Traceback" not in added and len(added.splitlines()) == 50
+    assert requests.get(f"{url}/ping").status_code == 200 and process.poll() is None
 
 
 def test_bodies_above_the_size_limit_are_refused_with_413(server, mnist):
@@ -365,3 +506,22 @@ def test_parse_images_shapes_and_dtype():
     # 0-1 floats are grey levels like any other: not rescaled.
     pixels, _ = serving.parse_images(json.dumps({"image": [0.5] * 784}).encode())
     assert pixels.max() == 0.5
+
+
+def test_schemathesis_finds_no_server_error_nor_schema_violation(server, tmp_path):
+    """Every route of /openapi.json, generated requests valid and invalid (bounded: a fixed seed,
+    a few dozen examples per operation), every check schemathesis has."""
+    url, process = server
+    report = tmp_path / "schemathesis.json"
+    result = subprocess.run(
+        [str(VENV_BIN / "schemathesis"), "run", f"{url}/openapi.json", "--checks", "all", "--mode", "all",
+         "--phases", "examples,coverage,fuzzing", "--max-examples", "60", "--seed", "1", "--workers", "1",
+         "--generation-database", "none", "--no-color", "--request-timeout", "30",
+         "--report", "json", "--report-json-path", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-3000:]
+    generated = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert generated and generated[1] == generated[2] and int(generated[1]) >= 250, result.stdout[-3000:]
+    assert "Tested: 5" in result.stdout  # /predict, /invocations, /ping, /health, /version
+    print(generated[0])  # the figure of docs/serving.md
+    assert process.poll() is None

@@ -50,11 +50,13 @@ def test_unknown_parameter_stops_the_sweep_naming_it(bare_project, monkeypatch, 
 
 def test_wrong_type_and_malformed_files_are_explained(bare_project):
     cases = [
-        ({"grid": {"lr": [0.1, "fast"]}}, r"point 02_lr=fast: train\.lr must be float, got str 'fast'"),
-        ({"fixed": {"epochs": 1.5}, "points": [{"seed": 1}]}, r"train\.epochs must be int, got float 1\.5"),
+        ({"grid": {"lr": [0.1, "fast"]}}, r"point 02_lr=fast: params/sweeps/bad\.yaml:lr = 'fast': must be float, got str"),
+        ({"fixed": {"epochs": 1.5}, "points": [{"seed": 1}]}, r"params/sweeps/bad\.yaml:epochs = 1\.5: must be int, got float"),
         ({"grid": {"lr": []}}, r"grid must map each parameter to a non-empty list"),
         ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate"),
         ({"fixed": {"epochs": 1}}, r"no points; give a grid, points or both"),
+        ({"grid": {"lr": [0.1, 0.0]}}, r"point 02_lr=0\.0: params/sweeps/bad\.yaml:lr = 0\.0: must be a finite "
+                                      r"number > 0$"),
     ]
     for spec, message in cases:
         with pytest.raises(sweep.SweepError, match=message):

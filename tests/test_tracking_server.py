@@ -98,6 +98,8 @@ def team_server(directory: Path, postgres: Postgres, store: ObjectStore) -> tupl
     # The file compose mounts at that path; the working directory (a volume there) holds basic_auth.db.
     mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(COMPOSE.parent / mounted[env["MLFLOW_AUTH_CONFIG_PATH"]])
+    # The directory of the mounted auth module (basic_auth.ini's authorization_function).
+    env["PYTHONPATH"] = str((COMPOSE.parent / mounted[f"{env['PYTHONPATH']}/auth_throttle.py"]).parent)
     command = [interpolate(part, variables) for part in service["command"]]
     port = free_port()
     command[command.index("--host") + 1] = "127.0.0.1"
@@ -196,8 +198,12 @@ def test_pipeline_registers_and_serves_through_postgres_server(servers, project,
     # Served predictions are the ones the evaluate stage computed for the same images.
     assert probabilities.argmax(axis=1).tolist() == evaluated[:32, 1].tolist()
 
-    # The project's model server, loading the champion through the same server with the same credentials.
-    server = model_server(tmp_path, env, tmp_path / "predict.log")
+    # The project's model server, loading the champion through the same server with the read-only
+    # account compose gives it.
+    reader_password = secrets.token_urlsafe(24)
+    reader_account(servers, "model-server-pipeline", reader_password)
+    reader_env = {**env, "MLFLOW_TRACKING_USERNAME": "model-server-pipeline", "MLFLOW_TRACKING_PASSWORD": reader_password}
+    server = model_server(tmp_path, reader_env, tmp_path / "predict.log")
     try:
         server.wait_ready()
         champion_digits = predict_each(server.url, images[:300])
@@ -325,7 +331,7 @@ def test_compose_publishes_only_on_loopback_by_default():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     published = {name: [interpolate(port, {}) for port in service.get("ports", [])]
                  for name, service in services.items()}
-    assert published == {"postgres": [], "objectstore": ["127.0.0.1:8333:8333"],
+    assert published == {"secrets-check": [], "postgres": [], "objectstore": ["127.0.0.1:8333:8333"], "reader-account": [],
                          "tracking": ["127.0.0.1:5000:5000"], "model-server": ["127.0.0.1:9201:9201"]}
 
 
@@ -334,3 +340,205 @@ def test_tracking_server_image_pins_the_locked_versions():
     locked = dict(re.findall(r"^([\w-]+)==([\w.]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE))
     assert set(pins) == {"mlflow", "psycopg", "boto3"}
     assert {name: locked[name] for name in pins} == pins
+
+
+ENV_EXAMPLE = ROOT / "deploy" / ".env.example"
+CHECK_SECRETS = ROOT / "deploy" / "check_secrets.py"
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose .env file."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def service_env(service: dict, variables: dict[str, str]) -> dict[str, str]:
+    return {name: interpolate(value, variables) for name, value in service["environment"].items()}
+
+
+def check_secrets(service: dict, variables: dict[str, str]) -> subprocess.CompletedProcess:
+    """The secrets-check service's command, run here with its interpolated environment."""
+    command = service["command"]
+    assert command[:2] == ["python", "/opt/deploy/check_secrets.py"]
+    return subprocess.run([sys.executable, str(CHECK_SECRETS), *command[2:]],
+                          env={**isolated_env(), **service_env(service, variables)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_env_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "deploy/.env"], cwd=ROOT)
+    assert ignored.returncode == 0
+    assert not subprocess.run(["git", "ls-files", "deploy/.env"], cwd=ROOT, capture_output=True,
+                              text=True).stdout
+
+
+def test_stack_refuses_to_start_on_placeholder_empty_or_short_secrets():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    check = services["secrets-check"]
+    names = check["command"][2:]
+    # Every secret compose reads is checked: each ${...PASSWORD...:?} or ${...SECRET...:?}.
+    required = set(re.findall(r"\$\{(\w*(?:PASSWORD|SECRET)\w*):\?", COMPOSE.read_text()))
+    assert set(names) == set(check["environment"]) == required
+    # Every other service waits for the check, directly or through what it depends on.
+    def waits(name: str) -> bool:
+        depends = services[name].get("depends_on", {})
+        return "secrets-check" in depends or any(waits(other) for other in depends)
+    assert all(waits(name) for name in services if name != "secrets-check")
+
+    example = env_file(ENV_EXAMPLE)
+    refused = check_secrets(check, example)
+    assert refused.returncode == 1
+    for name in names:
+        assert f"deploy/.env: {name} still holds the placeholder {example[name]!r}" in refused.stderr
+
+    strong = {**example, **{name: secrets.token_urlsafe(24) for name in names}}
+    accepted = check_secrets(check, strong)
+    assert accepted.returncode == 0, accepted.stderr
+    short = check_secrets(check, {**strong, "MLFLOW_SECRET_KEY": "abc123"})
+    assert short.returncode == 1 and "MLFLOW_SECRET_KEY has 6 characters; use at least 16" in short.stderr
+    # An empty or unset secret stops compose itself, naming the variable (its ${VAR:?} check) ...
+    with pytest.raises(KeyError, match="MLFLOW_READER_PASSWORD: set MLFLOW_READER_PASSWORD in deploy/.env"):
+        service_env(check, {**strong, "MLFLOW_READER_PASSWORD": ""})
+    # ... and the script as well, should it be run on its own.
+    blank = subprocess.run([sys.executable, str(CHECK_SECRETS), "POSTGRES_PASSWORD"], capture_output=True,
+                           text=True, env={**isolated_env(), "POSTGRES_PASSWORD": " "})
+    assert blank.returncode == 1 and "POSTGRES_PASSWORD is empty" in blank.stderr
+
+
+def test_model_server_gets_the_read_only_account_not_the_admin():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    model_server_env = " ".join(services["model-server"]["environment"].values())
+    assert "ADMIN" not in model_server_env and "MLFLOW_READER_PASSWORD" in model_server_env
+    assert "reader-account" in services["model-server"]["depends_on"]
+
+
+READER_ACCOUNT = ROOT / "deploy" / "reader_account.py"
+
+
+def reader_account(servers: Servers, username: str, password: str) -> str:
+    """compose.yaml's reader-account service, run here against the test's tracking server."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["reader-account"]
+    assert service["command"] == ["python", "/opt/deploy/reader_account.py"]
+    env = service_env(service, {"MLFLOW_ADMIN_PASSWORD": servers.team_credentials["MLFLOW_TRACKING_PASSWORD"],
+                                "MLFLOW_READER_USERNAME": username, "MLFLOW_READER_PASSWORD": password})
+    env["MLFLOW_TRACKING_URI"] = servers.team.url  # http://tracking:5000 inside compose
+    result = subprocess.run([sys.executable, str(READER_ACCOUNT)], env={**isolated_env(), **env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+class Api:
+    """The tracking server's REST API as one user (None: anonymous)."""
+
+    def __init__(self, url: str, auth: tuple[str, str] | None):
+        import requests
+
+        self.url, self.session = url, requests.Session()
+        self.session.auth = auth
+
+    def call(self, method: str, route: str, **kwargs):
+        return self.session.request(method, f"{self.url}/api/2.0/{route}", timeout=60, **kwargs)
+
+    def ok(self, method: str, route: str, **kwargs) -> dict:
+        response = self.call(method, route, **kwargs)
+        assert response.status_code == 200, f"{method} {route}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else {}
+
+
+def owned_objects(owner: Api, tag: str) -> dict[str, str]:
+    """An experiment, a run with an artifact and a registered model, created by `owner`."""
+    experiment = owner.ok("POST", "mlflow/experiments/create", json={"name": f"permissions-{tag}"})["experiment_id"]
+    run = owner.ok("POST", "mlflow/runs/create", json={"experiment_id": experiment})["run"]["info"]
+    artifacts = run["artifact_uri"].removeprefix("mlflow-artifacts:/").lstrip("/")
+    owner.ok("PUT", f"mlflow-artifacts/artifacts/{artifacts}/note.txt", data=b"owner's note")
+    owner.ok("POST", "mlflow/registered-models/create", json={"name": f"permissions-{tag}"})
+    return {"experiment": experiment, "run": run["run_id"], "artifacts": artifacts, "model": f"permissions-{tag}"}
+
+
+def attempts(objects: dict[str, str]) -> dict[tuple[str, str], tuple[str, str, dict]]:
+    """(resource, action) -> one REST call doing it on `objects`."""
+    experiment, run, artifacts, model = (objects[k] for k in ("experiment", "run", "artifacts", "model"))
+    return {
+        ("experiment", "read"): ("GET", "mlflow/experiments/get", {"params": {"experiment_id": experiment}}),
+        ("experiment", "write"): ("POST", "mlflow/experiments/set-experiment-tag",
+                                  {"json": {"experiment_id": experiment, "key": "k", "value": "v"}}),
+        ("run", "read"): ("GET", "mlflow/runs/get", {"params": {"run_id": run}}),
+        ("run", "write"): ("POST", "mlflow/runs/log-metric",
+                           {"json": {"run_id": run, "key": "m", "value": 1.0, "timestamp": 0, "step": 0}}),
+        ("artifact", "read"): ("GET", f"mlflow-artifacts/artifacts/{artifacts}/note.txt", {}),
+        ("artifact", "write"): ("PUT", f"mlflow-artifacts/artifacts/{artifacts}/other.txt", {"data": b"x"}),
+        ("model", "read"): ("GET", "mlflow/registered-models/get", {"params": {"name": model}}),
+        ("model", "write"): ("PATCH", "mlflow/registered-models/update", {"json": {"name": model, "description": "d"}}),
+        # Deletions last, the run and artifact before their experiment.
+        ("artifact", "delete"): ("DELETE", f"mlflow-artifacts/artifacts/{artifacts}/note.txt", {}),
+        ("run", "delete"): ("POST", "mlflow/runs/delete", {"json": {"run_id": run}}),
+        ("model", "delete"): ("DELETE", "mlflow/registered-models/delete", {"json": {"name": model}}),
+        ("experiment", "delete"): ("POST", "mlflow/experiments/delete", {"json": {"experiment_id": experiment}}),
+    }
+
+
+def test_permissions_of_anonymous_reader_owner_and_admin(servers):
+    """Each kind of user against each kind of object the owner created, on the real server with
+    PostgreSQL: anonymous is refused everything (401); the model server's read-only account reads
+    and is refused every change and deletion (403); the owner and the admin may do all."""
+    admin = Api(servers.team.url, (servers.team_credentials["MLFLOW_TRACKING_USERNAME"],
+                                   servers.team_credentials["MLFLOW_TRACKING_PASSWORD"]))
+    owner_password, reader_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    admin.ok("POST", "mlflow/users/create", json={"username": "owner", "password": owner_password})
+    assert "created" in reader_account(servers, "model-server", "first-" + reader_password)
+    assert "updated" in reader_account(servers, "model-server", reader_password)  # each start resets it
+    owner = Api(servers.team.url, ("owner", owner_password))
+    reader = Api(servers.team.url, ("model-server", reader_password))
+    anonymous = Api(servers.team.url, None)
+    assert reader.call("GET", "mlflow/experiments/search", params={"max_results": 1}).status_code == 200
+    assert Api(servers.team.url, ("model-server", "first-" + reader_password)).call(
+        "GET", "mlflow/experiments/search", params={"max_results": 1}).status_code == 401
+
+    outcome, expected = {}, {}
+    for user, api in (("anonymous", anonymous), ("reader", reader)):
+        objects = owned_objects(owner, user)
+        for (resource, action), (method, route, kwargs) in attempts(objects).items():
+            outcome[user, resource, action] = api.call(method, route, **kwargs).status_code
+            expected[user, resource, action] = 401 if user == "anonymous" else 200 if action == "read" else 403
+        # What they were refused is still there, unchanged.
+        assert owner.call("GET", f"mlflow-artifacts/artifacts/{objects['artifacts']}/note.txt").content == b"owner's note"
+        assert owner.ok("GET", "mlflow/registered-models/get", params={"name": objects["model"]})[
+            "registered_model"].get("description", "") == ""
+        assert owner.ok("GET", "mlflow/experiments/get", params={"experiment_id": objects["experiment"]})[
+            "experiment"]["lifecycle_stage"] == "active"
+    for user, api in (("owner", owner), ("admin", admin)):
+        for (resource, action), (method, route, kwargs) in attempts(owned_objects(owner, user)).items():
+            outcome[user, resource, action] = api.call(method, route, **kwargs).status_code
+            expected[user, resource, action] = 200
+    # MLflow lets every user create objects of their own: so can the reader (docs/serving.md).
+    assert reader.call("POST", "mlflow/experiments/create", json={"name": "reader-own"}).status_code == 200
+    assert len(outcome) == 4 * 4 * 3
+    assert {key: status for key, status in outcome.items() if status != expected[key]} == {}
+
+
+def test_wrong_password_flood_is_refused_without_locking_out_verified_clients(servers):
+    """deploy/auth_throttle.py on the real server: once the password-check budget is spent, wrong
+    passwords get 429 with Retry-After, while a client verified before keeps getting 200.
+    (How much a flood slows valid clients is measured by benchmarks/auth_flood.py.)"""
+    import requests
+
+    username = servers.team_credentials["MLFLOW_TRACKING_USERNAME"]
+    search = f"{servers.team.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    valid = requests.Session()
+    valid.auth = (username, servers.team_credentials["MLFLOW_TRACKING_PASSWORD"])
+    assert valid.get(search, timeout=60).status_code == 200
+    statuses, retry_after = [], set()
+    with requests.Session() as guesser:
+        for attempt in range(200):  # bounded; 4 workers x a burst of 5 checks are spent long before
+            guesser.auth = (username, f"guess-{attempt}")
+            response = guesser.get(search, timeout=60)
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                retry_after.add(response.headers["Retry-After"])
+                if statuses.count(429) >= 5:
+                    break
+            assert valid.get(search, timeout=60).status_code == 200
+    assert set(statuses) == {401, 429} and statuses.count(429) == 5, statuses
+    assert all(value.isdigit() and int(value) >= 1 for value in retry_after)

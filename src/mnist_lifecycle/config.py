@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass, fields
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,39 +62,84 @@ def use_default_tracking_uri(root: Path) -> str:
 
 
 class ParamsError(ValueError):
-    """A parameter is unknown, missing or of the wrong type; the message names it."""
+    """A parameter is unknown, missing, of the wrong type or out of its range; the message names it."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a parameter's value must be: the check, and the words saying it in an error."""
+
+    allowed: str  # completes "must be ..."
+    check: Callable[[Any], bool]
+
+
+def integer(low: int, high: int, multiple_of: int = 1) -> Rule:
+    words = f"an integer from {low:,} to {high:,}"
+    if multiple_of > 1:
+        words = f"a multiple of {multiple_of} from {low:,} to {high:,}"
+    return Rule(words, lambda v: low <= v <= high and v % multiple_of == 0)
+
+
+def number(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A finite float within [low, high], either end open if told."""
+    words = f"a finite number {'>' if low_open else '>='} {low:g}"
+    if high != math.inf:
+        words += f" and {'<' if high_open else '<='} {high:g}"
+    return Rule(words, lambda v: math.isfinite(v) and (low < v if low_open else low <= v)
+                and (v < high if high_open else v <= high))
+
+
+def rule(allowed: Rule) -> Any:
+    """A dataclass field with its rule in the field's metadata (one table for check and message)."""
+    return field(metadata={"rule": allowed})
+
+
+TRAIN_IMAGES = 60_000  # MNIST's training set, which prepare splits into train and validation
+TEST_IMAGES = 10_000
+SEEDS = integer(0, 2**32 - 1)  # what numpy's and torch's generators accept
+# MLflow registry names appear in models:/ URIs: no "/" nor spaces, which those would split on.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}")
 
 
 @dataclass(frozen=True)
 class PrepareParams:
-    source_dir: str  # local directory with the four idx .gz files; "" = $MNIST_SOURCE_DIR or download
-    val_size: int  # training images held out for validation
-    split_seed: int
+    # local directory with the four idx .gz files; "" = $MNIST_SOURCE_DIR or download
+    source_dir: str = rule(Rule("a directory path, or empty", lambda v: "\0" not in v))
+    # training images held out for validation: both parts of the split must be non-empty
+    val_size: int = rule(integer(1, TRAIN_IMAGES - 1))
+    split_seed: int = rule(SEEDS)
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int
-    batch_size: int
-    lr: float  # peak of the one-cycle schedule
-    weight_decay: float
-    label_smoothing: float
-    augment_shift: int  # random translation in pixels; 0 = no augmentation
-    width: int  # channels of the first conv block (then 2x, 4x)
-    dropout: float
-    seed: int
-    max_train_samples: int  # 0 = all; smoke runs train on a subset
+    epochs: int = rule(integer(1, 1000))
+    batch_size: int = rule(integer(1, TRAIN_IMAGES))
+    # peak of the one-cycle schedule; too high a rate diverges, which training reports (a result,
+    # not a parameter error: sweeps look for that edge)
+    lr: float = rule(number(0, math.inf, low_open=True))
+    weight_decay: float = rule(number(0, 1))
+    label_smoothing: float = rule(number(0, 1, high_open=True))
+    # random translation in pixels; 0 = no augmentation; half the image would shift the digit out
+    augment_shift: int = rule(integer(0, 13))
+    # channels of the first conv block (then 2x, 4x): multiples of 8 fill the CPU's vectors (model.py)
+    width: int = rule(integer(8, 256, multiple_of=8))
+    dropout: float = rule(number(0, 1, high_open=True))  # 1 would drop every feature
+    seed: int = rule(SEEDS)
+    max_train_samples: int = rule(integer(0, TRAIN_IMAGES))  # 0 = all; smoke runs train on a subset
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    misclassified_shown: int  # digits in the grid of errors
+    misclassified_shown: int = rule(integer(0, TEST_IMAGES))  # digits in the grid of errors
 
 
 @dataclass(frozen=True)
 class RegisterParams:
-    model_name: str  # name in the MLflow Model Registry
-    min_improvement: float  # test accuracy the challenger must gain to become champion
+    # name in the MLflow Model Registry
+    model_name: str = rule(Rule("a name of letters, digits, '.', '_' or '-' (1 to 256, no '/' nor spaces)",
+                                lambda v: MODEL_NAME.fullmatch(v) is not None))
+    # test accuracy the challenger must gain to become champion: a difference of two probabilities
+    min_improvement: float = rule(number(0, 1))
 
 
 PARAMS_CLASSES = {
@@ -102,35 +150,42 @@ PARAMS_CLASSES = {
 }
 
 
-def _check_type(stage: str, name: str, value: Any, expected: type) -> Any:
+def _check_type(where: str, value: Any, expected: type) -> Any:
     # bool is an int to Python, never to a user; an int is a fine float.
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
-    raise ParamsError(
-        f"{stage}.{name} must be {expected.__name__}, got {type(value).__name__} {value!r} "
-        f"(in params/{stage}.yaml or a -S/-p override)"
-    )
+    raise ParamsError(f"{where} = {value!r}: must be {expected.__name__}, got {type(value).__name__}")
 
 
-def validate(stage: str, values: dict[str, Any]):
-    """The stage's parameters as a frozen dataclass; raises ParamsError naming the bad one."""
+def validate(stage: str, values: dict[str, Any], source: str | None = None):
+    """The stage's parameters as a frozen dataclass; raises ParamsError naming the bad one.
+
+    `source` names where the values come from in messages (default params/<stage>.yaml).
+    """
     if stage not in PARAMS_CLASSES:
         raise ParamsError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    source = source or f"params/{stage}.yaml"
     params_class = PARAMS_CLASSES[stage]
     types = {f.name: f.type for f in fields(params_class)}
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ParamsError(f"unknown parameter(s) {', '.join(f'{stage}.{u}' for u in unknown)}; "
+        raise ParamsError(f"{source}: unknown parameter(s) {', '.join(f'{stage}.{u}' for u in unknown)}; "
                           f"{stage} takes {', '.join(types)}")
     missing = [name for name in types if name not in values]
     if missing:
-        raise ParamsError(f"missing parameter(s) {', '.join(f'{stage}.{m}' for m in missing)}")
+        raise ParamsError(f"{source}: missing parameter(s) {', '.join(f'{stage}.{m}' for m in missing)}")
     builtin = {"int": int, "float": float, "str": str}
-    return params_class(**{
-        name: _check_type(stage, name, values[name], builtin[types[name]]) for name in types
-    })
+    checked = {}
+    for item in fields(params_class):
+        where = f"{source}:{item.name}"
+        value = _check_type(where, values[item.name], builtin[types[item.name]])
+        allowed = item.metadata["rule"]
+        if not allowed.check(value):
+            raise ParamsError(f"{where} = {value!r}: must be {allowed.allowed}")
+        checked[item.name] = value
+    return params_class(**checked)
 
 
 def params_path(root: Path, stage: str) -> Path:
@@ -145,7 +200,7 @@ def load(root: Path, stage: str):
         raise ParamsError(f"{path}: cannot be read as YAML ({exc})") from exc
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: must map parameter names to values")
-    return validate(stage, values)
+    return validate(stage, values, str(path.relative_to(root)))
 
 
 def from_namespace(stage: str, namespace: dict[str, Any]):

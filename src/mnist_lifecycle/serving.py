@@ -11,6 +11,10 @@ model (`model.ProbabilityModel`), so /predict hands it the grey levels as float3
 and evaluation did. Every malformed request gets a 4xx JSON error saying what is wrong:
 `{"error_code": ..., "message": ...}`.
 
+Every route is behind one input policy (request_guard.py): bodies bounded in size and arrival
+time, and `/invocations` validated with /predict's contract (a batch N x 28 x 28 of grey levels
+0-255 under "inputs" or "instances") before MLflow's handler sees it. docs/serving.md has the figures.
+
 /predict is built for speed: the raw body parsed by orjson, numpy checks instead of per-request
 pydantic models, and the torch module called directly under `torch.inference_mode` instead of
 going through `pyfunc.predict` and pandas (see benchmarks/serving.py for the numbers).
@@ -19,8 +23,12 @@ going through `pyfunc.predict` and pandas (see benchmarks/serving.py for the num
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import sys
+from importlib import resources
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +39,7 @@ from fastapi.responses import Response
 
 from . import config
 from .data import IMAGE_SIZE, NUM_CLASSES
+from .request_guard import MAX_BODY_BYTES, InputError, RequestGuard
 
 DEFAULT_MODEL_URI = "models:/mnist-digits@champion"
 DEFAULT_PORT = 9201
@@ -45,9 +54,6 @@ MAX_BATCH = 1024  # images per request
 # meanwhile the event loop parses the next request on the other core. A single image's forward
 # pass (~1 ms) is cheaper on the event loop than handed to a thread.
 THREAD_BATCH = 32
-# A full batch of 0-255 integers is about 3 MB of JSON; 16 MiB leaves room for long float
-# literals ("127.49803924560547") and whitespace, and still bounds what one request can make us hold.
-MAX_BODY_BYTES = 16 * 2**20
 
 
 PREDICT_DESCRIPTION = (
@@ -57,40 +63,8 @@ PREDICT_DESCRIPTION = (
 )
 
 
-class InputError(ValueError):
-    """A request /predict cannot answer: the HTTP status and a message saying what is wrong."""
-
-    def __init__(self, status: int, error_code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.error_code = error_code
-        self.message = message
-
-    def body(self) -> bytes:
-        return orjson.dumps({"error_code": self.error_code, "message": self.message})
-
-
 def _invalid(message: str) -> InputError:
     return InputError(422, "INVALID_INPUT", message)
-
-
-def check_content_type(content_type: str | None) -> None:
-    media_type = (content_type or "").split(";")[0].strip().lower()
-    if media_type != "application/json":
-        raise InputError(415, "UNSUPPORTED_MEDIA_TYPE",
-                         "Content-Type must be application/json, got "
-                         + (repr(content_type) if content_type else "no Content-Type"))
-
-
-def check_declared_length(content_length: str | None) -> None:
-    """Refuse a body announced as too large before reading it."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > MAX_BODY_BYTES:
-        raise body_too_large(int(content_length))
-
-
-def body_too_large(size: int) -> InputError:
-    return InputError(413, "BODY_TOO_LARGE", f"body of {size} bytes exceeds the limit of "
-                      f"{MAX_BODY_BYTES} bytes; send at most {MAX_BATCH} images per request")
 
 
 def _describe(value) -> str:
@@ -134,58 +108,83 @@ def _find_malformed(value, path: str = "image", depth: int = 0) -> str | None:
     return None
 
 
-def parse_images(body: bytes) -> tuple[np.ndarray, bool]:
-    """A /predict body -> (float32 N x 28 x 28 grey levels, whether the request was a batch).
-
-    Raises InputError (400 for invalid JSON, 422 for JSON that breaks the contract).
-    """
+def _load_json(body: bytes):
     try:
-        payload = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InputError(400, "INVALID_JSON", f"body is not valid JSON: {exc}") from None
+
+
+def _single_key(payload, keys: tuple[str, ...], what: str) -> str:
+    """The one key of a request object among `keys`, else a 422 naming what was sent."""
+    expected = " or ".join(f'{{"{key}": ...}}' for key in keys)
+    names = " or ".join(f'"{key}"' for key in keys)
     if not isinstance(payload, dict):
-        raise _invalid(f'body must be a JSON object {{"image": ...}}, got {_describe(payload)}')
-    if "image" not in payload:
-        raise _invalid(f'body must have the key "image" (grey levels 0-255 of one 28x28 image or a '
-                       f"batch), got keys {sorted(payload)}")
+        raise _invalid(f"body must be a JSON object {expected}, got {_describe(payload)}")
+    present = [key for key in keys if key in payload]
+    if not present:
+        raise _invalid(f"body must have the key {names} ({what}), got keys {sorted(payload)}")
     if len(payload) > 1:
-        raise _invalid(f'unexpected key(s) {sorted(set(payload) - {"image"})}: only "image" is accepted')
-    image = payload["image"]
+        raise _invalid(f"unexpected key(s) {sorted(set(payload) - {present[0]})}: only {names} is accepted")
+    return present[0]
+
+
+def _grey_levels(image, body: bytes, name: str, batch_only: bool = False) -> tuple[np.ndarray, bool]:
+    """Nested lists -> (float32 N x 28 x 28, whether they were a batch); 422 naming the culprit.
+
+    `batch_only`: only N x 28 x 28, the model's signature (what MLflow's /invocations feeds it).
+    """
     if not isinstance(image, list):
-        raise _invalid(f"image must be a list (nested lists of grey levels), got {_describe(image)}")
+        raise _invalid(f"{name} must be a list (nested lists of grey levels), got {_describe(image)}")
     try:
         array = np.array(image)
     except (ValueError, OverflowError):
         array = None
     # numpy reads [1, true] as integers: booleans can only appear in the body as JSON literals,
-    # since the one key is "image" and strings would have made the array a string array.
+    # since the one key holds the images and strings would have made the array a string array.
     if array is None or array.dtype.kind not in "iuf" or b"true" in body or b"false" in body:
-        raise _invalid(_find_malformed(image) or "image must be nested lists of numbers")
+        raise _invalid(_find_malformed(image, name) or f"{name} must be nested lists of numbers")
 
-    if array.ndim == 1 and array.shape[0] == PIXELS or array.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        batched = False
-    elif array.ndim == 2 and array.shape[1] == PIXELS or (
-        array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
-    ):
-        batched = True
-    elif array.size == 0:
-        raise _invalid(_find_malformed(image) or "image is empty")
-    else:
-        raise _invalid(
-            f"image has shape {' x '.join(map(str, array.shape))}; expected one image "
-            f"({IMAGE_SIZE} x {IMAGE_SIZE} nested lists, or a flat list of {PIXELS}) or a batch of "
-            f"either (N x {IMAGE_SIZE} x {IMAGE_SIZE} or N x {PIXELS})"
-        )
+    single = not batch_only and (array.ndim == 1 and array.shape[0] == PIXELS
+                                 or array.shape == (IMAGE_SIZE, IMAGE_SIZE))
+    batched = (array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
+               or not batch_only and array.ndim == 2 and array.shape[1] == PIXELS)
+    if not (single or batched):
+        if array.size == 0:
+            raise _invalid(_find_malformed(image, name) or f"{name} is empty")
+        expected = (f"a batch of images, N x {IMAGE_SIZE} x {IMAGE_SIZE}" if batch_only else
+                    f"one image ({IMAGE_SIZE} x {IMAGE_SIZE} nested lists, or a flat list of {PIXELS}) "
+                    f"or a batch of either (N x {IMAGE_SIZE} x {IMAGE_SIZE} or N x {PIXELS})")
+        raise _invalid(f"{name} has shape {' x '.join(map(str, array.shape))}; expected {expected}")
     if batched and len(array) > MAX_BATCH:
         raise _invalid(f"batch of {len(array)} images exceeds the maximum of {MAX_BATCH} per request")
 
-    pixels = array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32)
-    outside = (array < 0) | (array > 255)
+    outside = ~np.isfinite(array) | (array < 0) | (array > 255)
     if outside.any():
-        where = "".join(f"[{i}]" for i in np.argwhere(outside)[0])
-        raise _invalid(f"image{where} = {array[tuple(np.argwhere(outside)[0])]} is outside 0-255: "
+        first = np.argwhere(outside)[0]
+        where = "".join(f"[{i}]" for i in first)
+        raise _invalid(f"{name}{where} = {array[tuple(first)]} is outside 0-255: "
                        "send grey levels 0-255 (0-1 values are not rescaled)")
-    return pixels, batched
+    return array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32), batched
+
+
+def parse_images(body: bytes) -> tuple[np.ndarray, bool]:
+    """A /predict body -> (float32 N x 28 x 28 grey levels, whether the request was a batch).
+
+    Raises InputError (400 for invalid JSON, 422 for JSON that breaks the contract).
+    """
+    payload = _load_json(body)
+    key = _single_key(payload, ("image",), "grey levels 0-255 of one 28x28 image or a batch")
+    return _grey_levels(payload[key], body, key)
+
+
+def check_invocation(body: bytes) -> None:
+    """An /invocations body holds what /predict accepts, in MLflow's tensor form: {"inputs": N x
+    28 x 28} (or "instances"); MLflow's other input forms (dataframes, CSV) are refused."""
+    payload = _load_json(body)
+    key = _single_key(payload, ("inputs", "instances"), f"a batch of N x {IMAGE_SIZE} x {IMAGE_SIZE} "
+                      "grey levels 0-255; dataframe forms are not accepted")
+    _grey_levels(payload[key], body, key, batch_only=True)
 
 
 def encode_prediction(probabilities: np.ndarray, batched: bool) -> bytes:
@@ -231,7 +230,24 @@ def openapi_request() -> dict:
     schema = {"type": "object", "required": ["image"], "additionalProperties": False,
               "properties": {"image": image}}
     return {"required": True, "content": {"application/json": {
-        "schema": schema, "example": {"image": [0] * PIXELS}}}}
+        "schema": schema, "example": {"image": example_digit()}}}}
+
+
+def example_digit() -> list[list[int]]:
+    """A real handwritten 7 (the first MNIST test image), the example in /docs."""
+    return json.loads(resources.files(__package__).joinpath("example_digit.json").read_text())
+
+
+def openapi_invocations_request() -> dict:
+    """The /invocations body the server accepts: MLflow's tensor form of a batch of images."""
+    square, _ = _image_schemas()
+    batch = {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": square,
+             "description": f"a batch of 1 to {MAX_BATCH} images, N x {IMAGE_SIZE} x {IMAGE_SIZE} "
+                            "grey levels 0-255"}
+    schema = {"type": "object", "additionalProperties": False, "minProperties": 1, "maxProperties": 1,
+              "properties": {"inputs": batch, "instances": batch}}
+    return {"required": True, "content": {"application/json": {
+        "schema": schema, "example": {"inputs": [example_digit()]}}}}
 
 
 def openapi_responses() -> dict:
@@ -244,18 +260,38 @@ def openapi_responses() -> dict:
     batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities"],
              "properties": {"digits": {"type": "array", "items": digit},
                             "probabilities": {"type": "array", "items": probabilities}}}
+    return {
+        "200": {"description": "the predicted digit(s) and class probabilities",
+                "content": {"application/json": {"schema": {"oneOf": [single, batch]}}}},
+        **error_responses(),
+    }
+
+
+def error_responses() -> dict:
+    """The 4xx answers of the routes with a JSON contract."""
     error = {"content": {"application/json": {"schema": {
         "type": "object", "required": ["error_code", "message"],
         "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}}}}}}
     return {
-        "200": {"description": "the predicted digit(s) and class probabilities",
-                "content": {"application/json": {"schema": {"oneOf": [single, batch]}}}},
         "400": {"description": "the body is not valid JSON", **error},
+        "408": {"description": "the body did not arrive within the body timeout", **error},
         "413": {"description": f"the body exceeds {MAX_BODY_BYTES} bytes", **error},
         "415": {"description": "Content-Type is not application/json", **error},
         "422": {"description": "valid JSON that breaks the contract: missing or extra key, shape, "
                                f"non-numbers, values outside 0-255, more than {MAX_BATCH} images",
                 **error},
+    }
+
+
+def openapi_invocations_responses() -> dict:
+    probabilities = {"type": "array", "minItems": NUM_CLASSES, "maxItems": NUM_CLASSES,
+                     "items": {"type": "number", "minimum": 0, "maximum": 1}}
+    return {
+        "200": {"description": "MLflow's answer: the class probabilities of each image",
+                "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["predictions"],
+                    "properties": {"predictions": {"type": "array", "items": probabilities}}}}}},
+        **error_responses(),
     }
 
 
@@ -291,30 +327,48 @@ def check_registered(model_uri: str) -> None:
         sys.exit(f"error: {exc}")
 
 
-class PredictFirst:
-    """The ASGI app served: POST /predict straight to its endpoint, all else to MLflow's app.
-
-    MLflow's app runs every request through its per-request timeout middleware (a Starlette
-    BaseHTTPMiddleware), which costs more than all of /predict's own work: benchmarks/serving.py
-    measured /predict at about half the throughput through it. /predict is bounded by its body and
-    batch limits instead. The route is registered in MLflow's app as well, which publishes it in
-    /openapi.json and answers it the same way when that app is served on its own (`.app`).
-    """
-
-    def __init__(self, app, predict):
-        self.app = app
-        self.predict = predict
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
-            response = await self.predict(Request(scope, receive))
-            await response(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+TEXT_ROUTES = ("/ping", "/health", "/version")  # MLflow's: "\n" for the first two, the version
 
 
-def create_app(model_uri: str | None = None, threads: int | None = None) -> PredictFirst:
-    """MLflow's scoring app for the model, with POST /predict added to it.
+def document_app(app) -> None:
+    """Title, the true answers of MLflow's text routes, and /docs on local Swagger UI files."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.title = "MNIST digit classifier"
+    app.version = version("mnist-lifecycle")
+    app.description = ("POST /predict classifies handwritten digits; MLflow's /invocations takes the "
+                       "same images in its tensor form. Every route applies one input policy "
+                       "(docs/serving.md).")
+    app.router.routes = [route for route in app.router.routes
+                         if getattr(route, "path", None) not in ("/docs", "/docs/oauth2-redirect")]
+    # The package's files only: importing it would load its web-framework adapters.
+    assets = Path(importlib.util.find_spec("swagger_ui").submodule_search_locations[0]) / "static"
+    app.mount("/docs/assets", StaticFiles(directory=assets), name="swagger-ui")
+
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+    # Last: FastAPI regenerates the cached schema when routes change.
+    schema = app.openapi()
+    text = {"200": {"description": "the text shown", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    for path in TEXT_ROUTES:
+        schema["paths"][path]["get"]["responses"] = text
+
+
+def create_app(model_uri: str | None = None, threads: int | None = None) -> RequestGuard:
+    """MLflow's scoring app for the model, with POST /predict added to it, behind the input policy
+    of request_guard: every request's body bounded in size and time, /predict and /invocations
+    validated before any model code runs.
+
+    /predict is answered by the guard itself: MLflow's app runs every request through its
+    per-request timeout middleware (a Starlette BaseHTTPMiddleware), which costs more than all of
+    /predict's own work (benchmarks/serving.py measured about half the throughput through it).
+    The route is registered in MLflow's app too, for /openapi.json.
 
     Arguments default to $MODEL_URI and $MNIST_SERVING_THREADS (how uvicorn's worker processes,
     which call this as a factory, get them).
@@ -334,32 +388,38 @@ def create_app(model_uri: str | None = None, threads: int | None = None) -> Pred
         with torch.inference_mode():
             return module(torch.from_numpy(pixels)).numpy()
 
-    async def predict(request: Request) -> Response:
-        try:
-            check_content_type(request.headers.get("content-type"))
-            check_declared_length(request.headers.get("content-length"))
-            chunks, size = [], 0
-            async for chunk in request.stream():  # bounded even without a Content-Length
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise body_too_large(size)
-                chunks.append(chunk)
-            pixels, batched = parse_images(b"".join(chunks))
-        except InputError as error:
-            return Response(error.body(), status_code=error.status, media_type="application/json")
+    async def predict(body: bytes) -> bytes:
+        pixels, batched = parse_images(body)
         if len(pixels) < THREAD_BATCH:
             probabilities = forward(pixels)
         else:
             probabilities = await run_in_threadpool(forward, pixels)
-        return Response(encode_prediction(probabilities, batched), media_type="application/json")
+        return encode_prediction(probabilities, batched)
+
+    async def invocations(body: bytes) -> None:
+        check_invocation(body)  # then MLflow's handler answers
+
+    async def predict_route(request: Request) -> Response:
+        """Only reached when MLflow's app is served without the guard."""
+        try:
+            return Response(await predict(await request.body()), media_type="application/json")
+        except InputError as error:
+            return Response(error.body(), status_code=error.status, media_type="application/json")
 
     app.add_api_route(
-        "/predict", predict, methods=["POST"], summary="Classify handwritten digits",
+        "/predict", predict_route, methods=["POST"], summary="Classify handwritten digits", operation_id="predict",
         description=PREDICT_DESCRIPTION, response_class=Response,
         openapi_extra={"requestBody": openapi_request(), "responses": openapi_responses()},
     )
+    for route in app.routes:
+        if getattr(route, "path", None) == "/invocations":
+            route.summary = "MLflow's scoring route, validated like /predict"
+            route.openapi_extra = {"requestBody": openapi_invocations_request(),
+                                   "responses": openapi_invocations_responses()}
+    document_app(app)
     app.state.model_uri = model_uri
-    return PredictFirst(app, predict)
+    return RequestGuard(app, {("POST", "/predict"): predict, ("POST", "/invocations"): invocations},
+                        text_routes=TEXT_ROUTES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

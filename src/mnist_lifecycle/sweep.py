@@ -28,6 +28,7 @@ Each training uses torch's intra-op threads: with W workers on C cores each kern
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import os
@@ -140,9 +141,10 @@ def load_sweep(root: Path, path: Path) -> Sweep:
     for index, values in enumerate(sets, start=1):
         name = _point_name(index, values)
         try:
-            params = config.validate("train", {**base, **fixed, **values})
+            # params/train.yaml passed config.load: a bad value here comes from the sweep file.
+            params = config.validate("train", {**base, **fixed, **values}, source=str(shown))
         except config.ParamsError as exc:
-            raise SweepError(f"{shown}: point {name}: {exc}") from exc
+            raise SweepError(f"point {name}: {exc}") from exc
         points.append(Point(name, params))
     swept = [name for name in takes if len({getattr(p.params, name) for p in points}) > 1]
     return Sweep(path.stem, path, points, swept, evaluate)
@@ -238,6 +240,8 @@ class Runner:
                 TRAIN_NOTEBOOK, point_dir, config.as_dict(point.params), self.parent_id)
             if not outcome.error:
                 outcome.metrics = json.loads((point_dir / "model" / "metrics.json").read_text())
+                with (point_dir / "model" / "history.csv").open() as stream:
+                    outcome.metrics["train_seconds"] = sum(float(row["seconds"]) for row in csv.DictReader(stream))
             if not outcome.error and self.sweep.evaluate:
                 evaluate_params = config.as_dict(config.load(self.root, "evaluate"))
                 _, error = self.execute(EVALUATE_NOTEBOOK, point_dir, evaluate_params, outcome.run_id)
