@@ -43,7 +43,7 @@ pull: setup
 registry-sync: setup
 	$(RUN) python -m mnist_lifecycle.registry sync
 
-# A papermill sweep over the training notebook (README, "Sweeps"): make sweep SWEEP=params/sweeps/smoke.yaml
+# A papermill sweep over the training notebook (docs/sweeps.md): make sweep SWEEP=params/sweeps/smoke.yaml
 # WORKERS=2; SWEEP_ARGS=--overwrite reruns into the same sweeps/<name>/. Needs the prepared data only.
 SWEEP ?= params/sweeps/lr_width.yaml
 sweep: setup
@@ -96,7 +96,7 @@ server-proxied: setup
 benchmark: setup
 	$(RUN) python benchmarks/pipeline.py
 
-# The model server: POST /predict and MLflow's routes on http://$(HOST):9201 (see README, "Serving").
+# The model server: POST /predict and MLflow's routes on http://$(HOST):9201 (see docs/serving.md).
 # MODEL_URI=data/model/mlflow_model serves the pipeline's model directory (after `dvc pull`: no store needed).
 serve: setup
 	$(RUN) python -m mnist_lifecycle.serving --model-uri '$(MODEL_URI)' --host $(HOST)

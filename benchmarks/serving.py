@@ -13,7 +13,7 @@ and the default configuration. Targets (issue 3), single-image requests:
 - batches of 256 images: >= half of the model's raw in-process throughput.
 
 Results of a run on the 2-core machine (client and servers on the same cores, so compare rows of
-one run): README.md, "Serving" > "Speed".
+one run): benchmarks/README.md and docs/serving.md.
 """
 
 from __future__ import annotations
