@@ -155,3 +155,8 @@ def test_parameter_out_of_range_stops_before_running(project):
     assert result.returncode == 2
     assert "params/train.yaml:batch_size = 0: must be an integer from 1 to 60,000" in result.stderr
     assert not (path / "mlflow.db").exists()  # no kernel, no run
+    # An override on the runner's command line (what sweeps pass) is checked the same way, and named.
+    set_params(path, "train", batch_size=64)
+    result = run(["python", "-m", "mnist_lifecycle.stage", "train", "--set", "width=12"], path, env, check=False)
+    assert result.returncode == 2 and "--set:width = 12: must be" in result.stderr
+    assert not (path / "mlflow.db").exists()

@@ -116,8 +116,8 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
         (evaluation,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
         assert evaluation.data.tags["stage"] == "evaluate" and evaluation.data.tags["training_run_id"] == run_id
         assert evaluation.data.metrics["test_accuracy"] == child.data.metrics["test_accuracy"]
-        assert (sweep_dir / name / "03_evaluate.ipynb").is_file()
-    assert (sweep_dir / "03_lr=100000.0" / "02_train.ipynb").is_file()
+        assert (sweep_dir / name / "executed" / "03_evaluate.ipynb").is_file()
+    assert (sweep_dir / "03_lr=100000.0" / "executed" / "02_train.ipynb").is_file()
     assert by_point["04_lr=0.1_augment_shift=2"].data.params["augment_shift"] == "2"
     # The pipeline's own outputs are untouched.
     assert not (path / "data" / "model" / "model.json").exists()

@@ -65,8 +65,8 @@ class Layout:
         return self.root / "data" / "registry" / "decision.json"
 
     def executed(self, notebook: str) -> Path:
-        return self.root / "data" / "executed" / f"{notebook}.ipynb"
+        return self.output / "executed" / f"{notebook}.ipynb"
 
     def stage_run(self, stage: str) -> Path:
-        """data/runs/<stage>.json: the MLflow run of the stage's last execution (a DVC metric)."""
-        return self.root / "data" / "runs" / f"{stage}.json"
+        """runs/<stage>.json: the MLflow run of the stage's last execution (a DVC metric in data/)."""
+        return self.output / "runs" / f"{stage}.json"

@@ -13,10 +13,11 @@ A sweep file names the points (see params/sweeps/):
     evaluate: false     # also run notebooks/03_evaluate.ipynb on each point's model (optional)
 
 A point's parameters are params/train.yaml, then `fixed`, then the point's own values. Names are
-checked against the notebook's `parameters` cell and types with config.validate before anything
-runs. Each point runs notebooks/02_train.ipynb with papermill in a kernel of its own, writing into
-sweeps/<sweep>/<point>/ (executed notebook, log, model/ and, with evaluate, evaluation/) instead
-of data/. In MLflow the sweep is one run and each point a run nested in it. A point that fails
+checked against the notebook's `parameters` cell and values with config.validate before anything
+runs. Each point runs the train stage through the stage runner (`python -m mnist_lifecycle.stage
+train --set ... --output-dir ... --parent-run ...`, as dvc.yaml runs it, in a kernel of its own),
+writing into sweeps/<sweep>/<point>/ (executed/, runs/, model/, the runner's log and, with
+evaluate, evaluation/) instead of data/. In MLflow the sweep is one run and each point a run nested in it. A point that fails
 (e.g. training diverged) is recorded as failed with its error and the others go on. The sweep ends
 with sweeps/<sweep>/summary.{csv,md,png}, also logged to the sweep's run, and the best point as
 sweeps/<sweep>/best.yaml, a params/train.yaml to copy over the pipeline's.
@@ -39,7 +40,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +48,10 @@ from typing import Any
 import yaml
 
 from . import config
+from .paths import Layout
 
 SWEEP_KEYS = ("grid", "points", "fixed", "evaluate")
 TRAIN_NOTEBOOK = Path("notebooks") / f"{config.NOTEBOOKS['train']}.ipynb"
-EVALUATE_NOTEBOOK = Path("notebooks") / f"{config.NOTEBOOKS['evaluate']}.ipynb"
 
 
 class SweepError(ValueError):
@@ -162,19 +162,6 @@ def best_params_yaml(root: Path, params: config.TrainParams) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _notebook_error(notebook: Path, log: Path) -> str:
-    """The exception that stopped an executed notebook, else the end of papermill's log."""
-    import nbformat
-
-    if notebook.is_file():
-        for cell in nbformat.read(notebook, as_version=4).cells:
-            for output in cell.get("outputs", []):
-                if output.get("output_type") == "error":
-                    return f"{output['ename']}: {output['evalue']}"
-    tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
-    return " | ".join(tail) or "papermill failed without output"
-
-
 class Runner:
     """Runs the points of one sweep; MLflow calls from the worker threads go through one lock."""
 
@@ -201,30 +188,22 @@ class Runner:
         c, total = self.counts, len(self.sweep.points)
         print(f"[{c['done']}/{total} done, {c['running']} running, {c['failed']} failed] {event}", flush=True)
 
-    def execute(self, notebook: Path, point_dir: Path, parameters: dict, parent_id: str) -> tuple[str | None, str]:
-        """Run one notebook under papermill in its own process; (its MLflow run id, error or "")."""
-        from .stage import record_notebook
-
-        invocation = uuid.uuid4().hex
-        executed, log = point_dir / notebook.name, point_dir / f"{notebook.stem}.log"
-        # A process per kernel: papermill changes the cwd of the process it runs in, and each
-        # point needs an environment of its own.
-        env = {**os.environ, config.INVOCATION_ENV: invocation, config.PARENT_RUN_ENV: parent_id,
-               config.OUTPUT_DIR_ENV: str(point_dir), "MLFLOW_TRACKING_URI": self.tracking_uri,
+    def execute(self, stage: str, point_dir: Path, overrides: dict, parent_id: str) -> tuple[str | None, str]:
+        """One stage of a point, through the stage runner in a process of its own (each kernel gets
+        its own threads); (its MLflow run id, error or "")."""
+        log = point_dir / f"{config.NOTEBOOKS[stage]}.log"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
                "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+        command = [sys.executable, "-m", "mnist_lifecycle.stage", stage, "--output-dir", str(point_dir),
+                   "--parent-run", parent_id, *(f"--set={name}={_yaml_value(value)}" for name, value in overrides.items())]
         with log.open("w") as stream:
-            result = subprocess.run(
-                [sys.executable, "-m", "papermill", str(self.root / notebook), str(executed),
-                 "-y", json.dumps(parameters), "--cwd", str(self.root), "--log-output", "--no-progress-bar",
-                 # This environment's kernel, registered or not (the notebooks name the project's).
-                 "--kernel", "python3"],
-                env=env, stdout=stream, stderr=subprocess.STDOUT,
-            )
-        error = _notebook_error(executed, log) if result.returncode else ""
-        with self.lock:
-            run_id = record_notebook(self.client, self.experiment_id, invocation, executed, bool(error)) \
-                if executed.is_file() else None
-        return run_id, error
+            result = subprocess.run(command, cwd=self.root, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        record = Layout(self.root, point_dir).stage_run(stage)
+        recorded = json.loads(record.read_text()) if record.is_file() else {}
+        error = recorded.get("error", "")
+        if result.returncode and not error:
+            error = f"the stage runner exited {result.returncode}; see {_shown(self.root, log)}"
+        return recorded.get("mlflow_run_id"), error
 
     def run_point(self, point: Point) -> Outcome:
         from mlflow.entities import RunTag
@@ -236,15 +215,14 @@ class Runner:
             self.counts["running"] += 1
             self.progress(f"started {point.name}")
         try:
-            outcome.run_id, outcome.error = self.execute(
-                TRAIN_NOTEBOOK, point_dir, config.as_dict(point.params), self.parent_id)
+            outcome.run_id, outcome.error = self.execute("train", point_dir, config.as_dict(point.params),
+                                                         self.parent_id)
             if not outcome.error:
                 outcome.metrics = json.loads((point_dir / "model" / "metrics.json").read_text())
                 with (point_dir / "model" / "history.csv").open() as stream:
                     outcome.metrics["train_seconds"] = sum(float(row["seconds"]) for row in csv.DictReader(stream))
             if not outcome.error and self.sweep.evaluate:
-                evaluate_params = config.as_dict(config.load(self.root, "evaluate"))
-                _, error = self.execute(EVALUATE_NOTEBOOK, point_dir, evaluate_params, outcome.run_id)
+                _, error = self.execute("evaluate", point_dir, {}, outcome.run_id)
                 if error:
                     outcome.error = f"evaluate: {error}"
                 else:
