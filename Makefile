@@ -11,7 +11,7 @@ MODEL_URI ?= models:/mnist-digits@champion
 MODEL_DIR ?= serving/model
 IMAGE ?= mnist-serving
 
-.PHONY: setup pipeline plots push pull registry-sync test lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
+.PHONY: setup pipeline plots push pull registry-sync test test-fast lab ui server server-proxied benchmark lock sweep serve export-model docker-build benchmark-serving
 
 .tools/bin/uv:
 	python3 -m venv .tools
@@ -66,6 +66,11 @@ $(VEGA)/vega-embed.min.js:
 
 test: setup
 	$(RUN) pytest
+
+# The unit tests only (no pipeline, no servers, no browser): about half a minute, for quick feedback.
+FAST_TESTS = tests/test_config.py tests/test_data.py tests/test_model.py tests/test_outputs.py tests/test_environment.py
+test-fast: setup
+	$(RUN) pytest $(FAST_TESTS)
 
 # Jupyter refuses to run as root without --allow-root (containers, CI machines).
 lab: setup
