@@ -525,3 +525,177 @@ def test_schemathesis_finds_no_server_error_nor_schema_violation(server, tmp_pat
     assert "Tested: 5" in result.stdout  # /predict, /invocations, /ping, /health, /version
     print(generated[0])  # the figure of docs/serving.md
     assert process.poll() is None
+
+
+# --- Following the registry: hot swap, identity, metrics, the V2 protocol -----------------------
+
+POLL_SECONDS = 1.0
+
+
+def train_and_register(images, labels, seed: int, tags: dict) -> str:
+    """Another small real classifier registered as a new version of mnist-digits (current store)."""
+    training.seed_everything(seed)
+    classifier = model.DigitClassifier(width=8)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64,
+                   lr=0.1, weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=seed, progress=False)
+    with mlflow.start_run():
+        info = model.log_classifier(model.ProbabilityModel(classifier.eval()), images[:5].numpy())
+    version = mlflow.register_model(info.model_uri, "mnist-digits").version
+    for key, value in tags.items():
+        MlflowClient().set_model_version_tag("mnist-digits", version, key, value)
+    return str(version)
+
+
+@pytest.fixture(scope="module")
+def registry_copy(champion, mnist, tmp_path_factory):
+    """A copy of the champion's store (artifacts shared) with a second real version registered.
+
+    Yields (tracking URI, store file, in-process probabilities of version 2 on the test images).
+    """
+    store = tmp_path_factory.mktemp("following") / "mlflow.db"
+    store.write_bytes(Path(champion[0].removeprefix("sqlite:///")).read_bytes())
+    tracking_uri = f"sqlite:///{store}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        mlflow.set_experiment("serving-test")
+        MlflowClient().set_model_version_tag("mnist-digits", "1", "test_accuracy", "0.9")
+        second = train_and_register(mnist[0][4000:8000], mnist[1][4000:8000], 1, {"test_accuracy": "0.91"})
+        assert second == "2"
+        logged = mlflow.pyfunc.load_model("models:/mnist-digits/2").get_raw_model()
+        with torch.inference_mode():
+            probabilities = logged(torch.from_numpy(mnist[2][:TEST_IMAGES].astype(np.float32))).numpy()
+    mlflow.set_tracking_uri(None)
+    assert not np.array_equal(probabilities.argmax(1), champion[1].argmax(1))  # a different model
+    return tracking_uri, store, probabilities
+
+
+@pytest.fixture(scope="module")
+def following_server(registry_copy, tmp_path_factory):
+    tracking_uri, _, _ = registry_copy
+    port = free_port()
+    log = tmp_path_factory.mktemp("following-server") / "server.log"
+    command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port),
+               "--poll-seconds", str(POLL_SECONDS)]
+    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, log) as process:
+        SERVER_LOGS[process.pid] = log
+        yield f"http://127.0.0.1:{port}", process
+
+
+def move_champion(tracking_uri: str, version: str) -> None:
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.set_registered_model_alias("mnist-digits", registry.CHAMPION, version)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus-client's own parser: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(f"{url}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_champion_moved_while_8_clients_send_requests_is_swapped_in_without_an_error(
+        following_server, registry_copy, champion, mnist):
+    import threading
+
+    url, process = following_server
+    tracking_uri, _, second = registry_copy
+    before = requests.get(f"{url}/model").json()
+    assert (before["name"], before["version"], before["alias"], before["test_accuracy"]) == (
+        "mnist-digits", "1", "champion", 0.9)
+    assert before["run_id"] and before["source"] and before["loaded_at"]
+    images = mnist[2][:200]
+    seen: list[list[tuple[float, int, str | None, int]]] = [[] for _ in range(8)]
+    stop = threading.Event()
+
+    def client(index: int) -> None:
+        with requests.Session() as session:
+            for count in range(3000):  # bounded in count, and stopped by the test
+                if stop.is_set():
+                    return
+                which = (index * 37 + count) % len(images)
+                response = session.post(f"{url}/predict", json={"image": images[which].tolist()}, timeout=30)
+                digit = response.json().get("digit") if response.status_code == 200 else None
+                seen[index].append((time.monotonic(), response.status_code,
+                                    response.headers.get("X-Model-Version"), which, digit))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2)
+        moved_at = time.monotonic()
+        move_champion(tracking_uri, "2")
+        deadline = moved_at + 60
+        while requests.get(f"{url}/model").json()["version"] != "2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    after = requests.get(f"{url}/model").json()
+    assert after["version"] == "2" and after["test_accuracy"] == 0.91 and after["run_id"] != before["run_id"]
+
+    responses = [answer for answers in seen for answer in answers]
+    assert len(responses) > 100 and {status for _, status, *_ in responses} == {200}
+    assert {header for _, _, header, *_ in responses} == {"1", "2"}
+    # Each answer is the one of the version its header names, and a client never goes back.
+    expected = {"1": champion[1].argmax(1), "2": second.argmax(1)}
+    assert all(digit == expected[header][which] for _, _, header, which, digit in responses)
+    for answers in seen:
+        headers = [header for _, _, header, *_ in answers]
+        assert headers == sorted(headers), "a client got version 1 after version 2"
+    first_new = min(at for at, _, header, *_ in responses if header == "2")
+    load = float(re.findall(r"now serving version 2 \(was 1\), loaded in ([\d.]+) s", server_log(process).read_text())[-1])
+    assert first_new - moved_at <= POLL_SECONDS + load + 1.0, (first_new - moved_at, load)
+    print(f"{len(responses)} answers, all 200; version 2 answered {first_new - moved_at:.2f} s after the move "
+          f"(poll {POLL_SECONDS:g} s, load {load:.2f} s)")
+    metrics = scrape(url)
+    assert metrics[("mnist_model_swaps_total", ())] == 1
+    assert metrics[("mnist_served_model_info", (("alias", "champion"), ("name", "mnist-digits"),
+                                                ("run_id", after["run_id"]), ("version", "2")))] == 1
+    assert process.poll() is None
+
+
+def test_a_broken_version_or_a_missing_registry_leaves_the_served_model_in_place(following_server, registry_copy, mnist):
+    url, process = following_server
+    tracking_uri, store, second = registry_copy
+    if requests.get(f"{url}/model").json()["version"] != "2":  # run alone: swap to 2 first
+        move_champion(tracking_uri, "2")
+        time.sleep(POLL_SECONDS * 5)
+    serving_now = requests.get(f"{url}/model").json()
+    start = scrape(url)
+    broken_model = store.parent / "broken"
+    broken_model.mkdir()
+    (broken_model / "MLmodel").write_text("not: a model\n")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    broken = client.create_model_version("mnist-digits", str(broken_model)).version
+    move_champion(tracking_uri, broken)
+    deadline = time.monotonic() + 60
+    while scrape(url).get(("mnist_model_swap_failures_total", ()), 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scrape(url)[("mnist_model_swap_failures_total", ())] == start[("mnist_model_swap_failures_total", ())] + 1
+    assert requests.get(f"{url}/model").json() == serving_now
+    assert f"version {broken} of models:/mnist-digits@champion failed to load" in server_log(process).read_text()
+
+    # The store disappears (moved away): polls fail, are counted, and create no empty store.
+    hidden = store.with_suffix(".away")
+    store.rename(hidden)
+    try:
+        failures = start[("mnist_registry_poll_failures_total", ())]
+        deadline = time.monotonic() + 30
+        while scrape(url)[("mnist_registry_poll_failures_total", ())] < failures + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert scrape(url)[("mnist_registry_poll_failures_total", ())] >= failures + 2
+        assert not store.exists()
+        answer = requests.post(f"{url}/predict", json={"image": mnist[2][3].tolist()})
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == "2"
+        assert answer.json()["digit"] == int(second[3].argmax())
+    finally:
+        hidden.rename(store)
+    move_champion(tracking_uri, "2")
+    assert requests.get(f"{url}/model").json()["version"] == "2" and process.poll() is None

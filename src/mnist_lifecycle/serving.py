@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
@@ -37,9 +38,9 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from . import config
+from . import config, metrics
 from .data import IMAGE_SIZE, NUM_CLASSES
-from .request_guard import MAX_BODY_BYTES, InputError, RequestGuard
+from .request_guard import MAX_BODY_BYTES, InputError, Reply, RequestGuard
 
 DEFAULT_MODEL_URI = "models:/mnist-digits@champion"
 DEFAULT_PORT = 9201
@@ -48,6 +49,7 @@ HOST_ENV = "MNIST_SERVING_HOST"
 PORT_ENV = "MNIST_SERVING_PORT"
 WORKERS_ENV = "MNIST_SERVING_WORKERS"
 THREADS_ENV = "MNIST_SERVING_THREADS"  # torch intra-op threads per worker process
+POLL_ENV = "MNIST_SERVING_POLL_SECONDS"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 MAX_BATCH = 1024  # images per request
 # From this many images on, the forward pass runs in a worker thread, where torch releases the GIL:
@@ -159,13 +161,18 @@ def _grey_levels(image, body: bytes, name: str, batch_only: bool = False) -> tup
     if batched and len(array) > MAX_BATCH:
         raise _invalid(f"batch of {len(array)} images exceeds the maximum of {MAX_BATCH} per request")
 
+    check_range(array, name)
+    return array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32), batched
+
+
+def check_range(array: np.ndarray, name: str) -> None:
+    """422 naming the first value that is not a grey level 0-255."""
     outside = ~np.isfinite(array) | (array < 0) | (array > 255)
     if outside.any():
         first = np.argwhere(outside)[0]
         where = "".join(f"[{i}]" for i in first)
         raise _invalid(f"{name}{where} = {array[tuple(first)]} is outside 0-255: "
                        "send grey levels 0-255 (0-1 values are not rescaled)")
-    return array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32), batched
 
 
 def parse_images(body: bytes) -> tuple[np.ndarray, bool]:
@@ -360,66 +367,117 @@ def document_app(app) -> None:
         schema["paths"][path]["get"]["responses"] = text
 
 
-def create_app(model_uri: str | None = None, threads: int | None = None) -> RequestGuard:
-    """MLflow's scoring app for the model, with POST /predict added to it, behind the input policy
-    of request_guard: every request's body bounded in size and time, /predict and /invocations
-    validated before any model code runs.
+def model_route_responses() -> dict:
+    text = {"type": ["string", "null"]}
+    identity = {"type": "object", "required": ["source", "loaded_at"], "properties": {
+        "name": text, "version": text, "alias": text, "run_id": text, "model_id": text, "source": text,
+        "loaded_at": {"type": "string", "description": "when this server loaded it (UTC, ISO 8601)"},
+        "test_accuracy": {"type": ["number", "null"], "description": "recorded by the register stage"}}}
+    return {"200": {"description": "the model this server answers with",
+                    "content": {"application/json": {"schema": identity}}}}
 
-    /predict is answered by the guard itself: MLflow's app runs every request through its
-    per-request timeout middleware (a Starlette BaseHTTPMiddleware), which costs more than all of
-    /predict's own work (benchmarks/serving.py measured about half the throughput through it).
-    The route is registered in MLflow's app too, for /openapi.json.
 
-    Arguments default to $MODEL_URI and $MNIST_SERVING_THREADS (how uvicorn's worker processes,
-    which call this as a factory, get them).
-    """
-    import mlflow.pyfunc
-    import torch
+def build_app(pyfunc_model, served, predict):
+    """MLflow's scoring app for one loaded model (its /invocations is bound to it), with /predict
+    and /model added for the OpenAPI schema; the request guard answers those two itself.
+    `served()` is the ServedModel answering now."""
     from mlflow.pyfunc import scoring_server
 
-    model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
-    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
-    resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
-    pyfunc_model = mlflow.pyfunc.load_model(model_uri)
-    module = pyfunc_model.get_raw_model()  # the ProbabilityModel, as a torch.export GraphModule
     app = scoring_server.init(pyfunc_model)
-
-    def forward(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(pixels)).numpy()
-
-    async def predict(body: bytes) -> bytes:
-        pixels, batched = parse_images(body)
-        if len(pixels) < THREAD_BATCH:
-            probabilities = forward(pixels)
-        else:
-            probabilities = await run_in_threadpool(forward, pixels)
-        return encode_prediction(probabilities, batched)
-
-    async def invocations(body: bytes) -> None:
-        check_invocation(body)  # then MLflow's handler answers
 
     async def predict_route(request: Request) -> Response:
         """Only reached when MLflow's app is served without the guard."""
         try:
-            return Response(await predict(await request.body()), media_type="application/json")
+            reply = await predict(await request.body())
+            return Response(reply.body, media_type="application/json", headers={MODEL_VERSION_HEADER: served().version})
         except InputError as error:
             return Response(error.body(), status_code=error.status, media_type="application/json")
+
+    async def model_route() -> Response:
+        return Response(orjson.dumps(served().identity), media_type="application/json")
 
     app.add_api_route(
         "/predict", predict_route, methods=["POST"], summary="Classify handwritten digits", operation_id="predict",
         description=PREDICT_DESCRIPTION, response_class=Response,
         openapi_extra={"requestBody": openapi_request(), "responses": openapi_responses()},
     )
+    app.add_api_route("/model", model_route, methods=["GET"], summary="The model served", operation_id="model",
+                      response_class=Response, openapi_extra={"responses": model_route_responses()},
+                      description="Registered name, version and alias, run and model ids, source, load time "
+                                  "and recorded test accuracy of the model answering now.")
     for route in app.routes:
         if getattr(route, "path", None) == "/invocations":
             route.summary = "MLflow's scoring route, validated like /predict"
             route.openapi_extra = {"requestBody": openapi_invocations_request(),
                                    "responses": openapi_invocations_responses()}
     document_app(app)
-    app.state.model_uri = model_uri
-    return RequestGuard(app, {("POST", "/predict"): predict, ("POST", "/invocations"): invocations},
-                        text_routes=TEXT_ROUTES)
+    return app
+
+
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+def create_app(model_uri: str | None = None, threads: int | None = None,
+               poll_seconds: float | None = None) -> metrics.Instrumented:
+    """The model (a ModelSource following the registry when the URI is an alias) served by MLflow's
+    scoring app with /predict, /model, /metrics and the V2 routes added, behind the input policy of
+    request_guard: every request's body bounded in size and time, /predict, /invocations and V2
+    infer validated before any model code runs.
+
+    /predict is answered by the guard itself: MLflow's app runs every request through its
+    per-request timeout middleware (a Starlette BaseHTTPMiddleware), which costs more than all of
+    /predict's own work (benchmarks/serving.py measured about half the throughput through it).
+    The route is registered in MLflow's app too, for /openapi.json.
+
+    Arguments default to $MODEL_URI, $MNIST_SERVING_THREADS and $MNIST_SERVING_POLL_SECONDS (how
+    uvicorn's worker processes, which call this as a factory, get them).
+    """
+    import torch
+
+    from . import inference_v2
+    from .model_source import DEFAULT_POLL_SECONDS, ModelSource
+
+    model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
+    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
+    if poll_seconds is None:
+        poll_seconds = float(os.environ.get(POLL_ENV) or DEFAULT_POLL_SECONDS)
+    resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
+
+    async def classify(pixels: np.ndarray):
+        """(probabilities, the model that answered): one read of `source.current` per request."""
+        served = source.current
+        if len(pixels) < THREAD_BATCH:
+            probabilities = served.forward(pixels)
+        else:
+            probabilities = await run_in_threadpool(served.forward, pixels)
+        metrics.observe_predictions(probabilities)
+        return probabilities, served
+
+    async def predict(body: bytes) -> Reply:
+        pixels, batched = parse_images(body)
+        probabilities, served = await classify(pixels)
+        return Reply(encode_prediction(probabilities, batched),
+                     headers=[(b"x-model-version", served.version.encode())])
+
+    async def invocations(body: bytes) -> None:
+        check_invocation(body)  # then MLflow's handler answers
+
+    async def model(body: bytes) -> bytes:
+        return orjson.dumps(source.current.identity)
+
+    async def metrics_text(body: bytes) -> Reply:
+        text, content_type = metrics.render()
+        return Reply(text, content_type=content_type.encode())
+
+    warm_up = np.array(example_digit(), dtype=np.float32)[None]
+    source = ModelSource(model_uri, lambda pyfunc_model: build_app(pyfunc_model, lambda: source.current, predict),
+                         warm_up, poll_seconds)
+    v2 = inference_v2.Routes(source, classify)
+    guard = RequestGuard(source.asgi, {("POST", "/predict"): predict, ("POST", "/invocations"): invocations,
+                                       ("GET", "/model"): model, ("GET", "/metrics"): metrics_text},
+                         text_routes=TEXT_ROUTES, resolve=v2.resolve, error_forms={"/v2": inference_v2.error_body})
+    source.start()
+    return metrics.Instrumented(guard)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -440,6 +498,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"worker processes (${WORKERS_ENV}; default %(default)s)")
     parser.add_argument("--threads", type=int, default=int(env(THREADS_ENV, "1")),
                         help=f"torch threads per worker (${THREADS_ENV}; default %(default)s)")
+    parser.add_argument("--poll-seconds", type=float, default=float(env(POLL_ENV, "5")),
+                        help="when serving models:/NAME@ALIAS, seconds between asks to the registry where the "
+                             f"alias points; a new version is loaded and swapped in (${POLL_ENV}; "
+                             "default %(default)s; 0: never)")
     return parser.parse_args(argv)
 
 
@@ -450,6 +512,10 @@ def main(argv: list[str] | None = None) -> None:
     # Worker processes build the app from the environment (uvicorn factory).
     os.environ[MODEL_URI_ENV] = args.model_uri
     os.environ[THREADS_ENV] = str(args.threads)
+    os.environ[POLL_ENV] = str(args.poll_seconds)
+    if args.workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
+        # prometheus-client's multi-process mode: each worker writes its values under this directory.
+        os.environ[metrics.MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
     tracking_uri = resolve_tracking_uri()
     if Path(args.model_uri).exists():
         args.model_uri = str(Path(args.model_uri).resolve())
