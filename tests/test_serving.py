@@ -699,3 +699,40 @@ def test_a_broken_version_or_a_missing_registry_leaves_the_served_model_in_place
         hidden.rename(store)
     move_champion(tracking_uri, "2")
     assert requests.get(f"{url}/model").json()["version"] == "2" and process.poll() is None
+
+
+def test_metrics_parse_and_count_exactly_the_requests_sent(server, champion, mnist):
+    url, process = server
+    before = scrape(url)
+    images = mnist[2][:40]
+    with requests.Session() as session:
+        singles = [session.post(f"{url}/predict", json={"image": image.tolist()}) for image in images[:30]]
+        batch = session.post(f"{url}/predict", json={"image": images[30:].tolist()})
+        bad = [session.post(f"{url}/predict", json={"image": rows(256)}) for _ in range(7)]
+        invocations = [session.post(f"{url}/invocations", json={"inputs": images[:2].tolist()}) for _ in range(3)]
+    assert {r.status_code for r in [*singles, batch, *invocations]} == {200} and {r.status_code for r in bad} == {422}
+    after = scrape(url)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert delta("mnist_http_requests_total", route="/predict", method="POST", status="200") == 31
+    assert delta("mnist_http_requests_total", route="/predict", method="POST", status="422") == 7
+    assert delta("mnist_http_requests_total", route="/invocations", method="POST", status="200") == 3
+    assert delta("mnist_http_requests_total", route="/metrics", method="GET", status="200") == 1  # the first scrape
+    assert delta("mnist_http_request_duration_seconds_count", route="/predict") == 38
+    assert delta("mnist_images_per_request_count") == 31 and delta("mnist_images_per_request_sum") == 40
+    assert delta("mnist_images_per_request_bucket", le="1.0") == 30
+    digits = champion[1][:40].argmax(1)
+    for digit in range(10):
+        assert delta("mnist_predicted_digits_total", digit=str(digit)) == (digits == digit).sum()
+    assert delta("mnist_prediction_confidence_count") == 40
+    confident = (champion[1][:40].max(1) <= 0.9).sum()
+    assert delta("mnist_prediction_confidence_bucket", le="0.9") == confident
+    served = [key for key, value in after.items() if key[0] == "mnist_served_model_info" and value == 1]
+    assert served == [("mnist_served_model_info", (("alias", "champion"), ("name", "mnist-digits"),
+                                                   ("run_id", requests.get(f"{url}/model").json()["run_id"]),
+                                                   ("version", "1")))]
+    assert after[("mnist_model_swaps_total", ())] == 0 and after[("mnist_registry_poll_failures_total", ())] == 0
+    assert process.poll() is None
