@@ -736,3 +736,146 @@ def test_metrics_parse_and_count_exactly_the_requests_sent(server, champion, mni
                                                    ("version", "1")))]
     assert after[("mnist_model_swaps_total", ())] == 0 and after[("mnist_registry_poll_failures_total", ())] == 0
     assert process.poll() is None
+
+
+def v2_bad_requests() -> list[tuple[str, bytes, str, str, int, str]]:
+    """(what, path, body, content type, expected status, words the message must contain) for V2."""
+    infer = "/v2/models/mnist-digits/infer"
+    json_type = "application/json"
+
+    def tensor(**changes) -> bytes:
+        base = {"name": "image", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}
+        base.update(changes)
+        for key in [key for key, value in base.items() if value is ...]:
+            del base[key]
+        return json.dumps({"inputs": [base]}).encode()
+
+    cases = [
+        ("not JSON", infer, b"{", json_type, 400, "not valid JSON"),
+        ("empty body", infer, b"", json_type, 400, "not valid JSON"),
+        ("NaN literal", infer, b'{"inputs": [NaN]}', json_type, 400, "not valid JSON"),
+        ("a list", infer, b"[]", json_type, 400, "JSON object"),
+        ("a number", infer, b"7", json_type, 400, "JSON object"),
+        ("missing inputs", infer, b"{}", json_type, 400, 'no "inputs"'),
+        ("missing inputs, other keys", infer, b'{"id": "1"}', json_type, 400, 'no "inputs"'),
+        ("inputs null", infer, b'{"inputs": null}', json_type, 400, "exactly one tensor"),
+        ("inputs empty", infer, b'{"inputs": []}', json_type, 400, "exactly one tensor"),
+        ("two inputs", infer, json.dumps({"inputs": [json.loads(tensor())["inputs"][0]] * 2}).encode(),
+         json_type, 400, "exactly one tensor"),
+        ("input not an object", infer, b'{"inputs": [1]}', json_type, 400, "exactly one tensor"),
+        ("unknown request key", infer, b'{"inputs": [], "extra": 1}', json_type, 400, "unknown key"),
+        ("id not a string", infer, tensor()[:-1] + b', "id": 5}', json_type, 400, "id must be a string"),
+        ("no datatype", infer, tensor(datatype=...), json_type, 400, "lacks ['datatype']"),
+        ("no shape", infer, tensor(shape=...), json_type, 400, "lacks ['shape']"),
+        ("no data", infer, tensor(data=...), json_type, 400, "lacks ['data']"),
+        ("no name", infer, tensor(name=...), json_type, 400, "lacks ['name']"),
+        ("unknown tensor key", infer, tensor(extra=1), json_type, 400, "unknown key"),
+        ("unknown outputs", infer, tensor()[:-1] + b', "outputs": [{"name": "logits"}]}', json_type, 400, "outputs"),
+        ("outputs not a list", infer, tensor()[:-1] + b', "outputs": 3}', json_type, 400, "outputs"),
+        ("binary data extension", infer, tensor(data=None), json_type, 400, "data must be a list"),
+        ("data a string", infer, tensor(data="AAAA"), json_type, 400, "data must be a list"),
+        ("data an object", infer, tensor(data={"a": 1}), json_type, 400, "data must be a list"),
+        ("booleans", infer, tensor(data=[True] * 784), json_type, 400, "booleans"),
+        ("nulls", infer, tensor(data=[None] * 784), json_type, 400, "nulls"),
+        ("strings", infer, tensor(data=["0"] * 784), json_type, 400, "only numbers"),
+        ("ragged nested data", infer, tensor(data=[[0] * 784, [0] * 783], shape=[2, 784]), json_type, 400, "rectangular"),
+        ("huge number", infer, tensor(data=[10**400] + [0] * 783), json_type, 400, ""),
+        ("negative", infer, tensor(data=[-1] + [0] * 783), json_type, 400, "outside 0-255"),
+        ("256", infer, tensor(data=[256] + [0] * 783), json_type, 400, "outside 0-255"),
+        ("1e308 float", infer, tensor(datatype="FP32", data=[1e308] + [0] * 783), json_type, 400, "outside 0-255"),
+        ("UINT8 with a fraction", infer, tensor(data=[0.5] + [0] * 783), json_type, 400, "whole numbers"),
+        ("too few values", infer, tensor(data=[0] * 783), json_type, 400, "holds 784 values but data has 783"),
+        ("too many values", infer, tensor(data=[0] * 785), json_type, 400, "holds 784 values but data has 785"),
+        ("nested, one row short", infer, tensor(shape=[1, 28, 28], data=[[0] * 28] * 27), json_type, 400, "holds 784"),
+        ("two images announced, one sent", infer, tensor(shape=[2, 784]), json_type, 400, "holds 1568"),
+        ("shape 27x28", infer, tensor(shape=[1, 27, 28], data=[0] * 756), json_type, 400, "is not [N, 28, 28]"),
+        ("shape 1-d", infer, tensor(shape=[784]), json_type, 400, "is not [N, 28, 28]"),
+        ("shape 4-d", infer, tensor(shape=[1, 1, 28, 28]), json_type, 400, "is not [N, 28, 28]"),
+        ("shape of strings", infer, tensor(shape=["1", "784"]), json_type, 400, "is not [N, 28, 28]"),
+        ("shape negative", infer, tensor(shape=[-1, 784]), json_type, 400, "is not [N, 28, 28]"),
+        ("shape of floats", infer, tensor(shape=[1.0, 784]), json_type, 400, "is not [N, 28, 28]"),
+        ("shape null", infer, tensor(shape=None), json_type, 400, "is not [N, 28, 28]"),
+        ("zero images", infer, tensor(shape=[0, 784], data=[]), json_type, 400, "1 to 1024"),
+        ("1025 images", infer, tensor(shape=[1025, 784], data=[0] * (1025 * 784)), json_type, 400, "1 to 1024"),
+        ("datatype FP64", infer, tensor(datatype="FP64"), json_type, 400, "FP32 or UINT8"),
+        ("datatype INT32", infer, tensor(datatype="INT32"), json_type, 400, "FP32 or UINT8"),
+        ("datatype BYTES", infer, tensor(datatype="BYTES"), json_type, 400, "FP32 or UINT8"),
+        ("datatype lower case", infer, tensor(datatype="fp32"), json_type, 400, "FP32 or UINT8"),
+        ("datatype null", infer, tensor(datatype=None), json_type, 400, "FP32 or UINT8"),
+        ("unknown model", "/v2/models/resnet/infer", tensor(), json_type, 404, "'resnet' is not served"),
+        ("unknown version", "/v2/models/mnist-digits/versions/99/infer", tensor(), json_type, 404,
+         "version '99' of 'mnist-digits' is not served"),
+        ("unknown model metadata", "/v2/models/resnet", b"", json_type, 404, "is not served"),
+        ("unknown model ready", "/v2/models/resnet/ready", b"", json_type, 404, "is not served"),
+        ("GET infer", infer, b"", json_type, 405, "use POST"),
+        ("POST health", "/v2/health/ready", b"{}", json_type, 405, "use GET"),
+        ("no content type", infer, tensor(), "", 415, "no Content-Type"),
+        ("text/plain", infer, tensor(), "text/plain", 415, "application/json"),
+        ("oversized", infer, b'{"inputs": [{"data": [' + b"0," * (serving.MAX_BODY_BYTES // 2) + b"0]}]}",
+         json_type, 413, "exceeds the limit"),
+    ]
+    return cases
+
+
+def test_v2_malformed_requests_get_protocol_errors_and_the_server_keeps_serving(server, mnist):
+    url, process = server
+    cases = v2_bad_requests()
+    assert len(cases) >= 50
+    failures = []
+    with requests.Session() as session:
+        for what, path, body, content_type, status, words in cases:
+            method = "GET" if what.startswith("GET") or path.endswith(("resnet", "ready")) and "POST" not in what else "POST"
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = session.request(method, f"{url}{path}", data=body, headers=headers)
+            try:
+                error = response.json()
+            except ValueError:
+                error = {}
+            if (response.status_code != status or set(error) != {"error"} or words not in error["error"]
+                    or len(error["error"]) < 15):
+                failures.append(f"{what}: {response.status_code} {response.text[:300]}")
+        good = {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": mnist[2][0].tolist()}]}
+        assert session.post(f"{url}/v2/models/mnist-digits/infer", json=good).status_code == 200
+    assert not failures, "\n".join(failures)
+    assert process.poll() is None
+
+
+def test_v2_answers_1000_real_test_images_as_predict_does(server, mnist):
+    url, process = server
+    images = mnist[2][:1000]
+    with requests.Session() as session:
+        assert session.get(f"{url}/v2/health/live").json() == {"live": True}
+        assert session.get(f"{url}/v2/health/ready").json() == {"ready": True}
+        identity = session.get(f"{url}/model").json()
+        metadata = session.get(f"{url}/v2/models/mnist-digits").json()
+        assert metadata["name"] == "mnist-digits" and metadata["versions"] == [identity["version"]]
+        assert session.get(f"{url}/v2/models/mnist-digits/versions/{identity['version']}/ready").json()["ready"]
+        predicted = session.post(f"{url}/predict", json={"image": images.tolist()})
+        digits, probabilities = [], []
+        # Every accepted form: UINT8 and FP32, [N, 28, 28] and [N, 784], flat and nested data.
+        forms = [("UINT8", (28, 28), True), ("FP32", (784,), False), ("FP32", (28, 28), True), ("UINT8", (784,), False)]
+        for start in range(0, 1000, 100):
+            datatype, shape, nested = forms[start // 100 % 4]
+            batch = images[start:start + 100].astype(np.uint8 if datatype == "UINT8" else np.float32)
+            data = batch.reshape(100, *shape).tolist() if nested else batch.reshape(-1).tolist()
+            path = (f"/v2/models/mnist-digits/versions/{identity['version']}/infer" if start % 200
+                    else "/v2/models/mnist-digits/infer")
+            response = session.post(f"{url}{path}", json={"id": f"batch-{start}", "inputs": [
+                {"name": "image", "shape": [100, *shape], "datatype": datatype, "data": data}]})
+            assert response.status_code == 200, response.text[:500]
+            answer = response.json()
+            assert answer["id"] == f"batch-{start}" and answer["model_name"] == "mnist-digits"
+            assert answer["model_version"] == identity["version"] == response.headers["X-Model-Version"]
+            outputs = {output["name"]: output for output in answer["outputs"]}
+            assert outputs["probabilities"]["shape"] == [100, 10] and outputs["digit"]["shape"] == [100]
+            assert outputs["probabilities"]["datatype"] == "FP32" and outputs["digit"]["datatype"] == "INT64"
+            digits += outputs["digit"]["data"]
+            probabilities += outputs["probabilities"]["data"]
+        only_digit = session.post(f"{url}/v2/models/mnist-digits/infer", json={"outputs": [{"name": "digit"}], "inputs": [
+            {"name": "image", "shape": [1, 784], "datatype": "UINT8", "data": images[0].reshape(-1).tolist()}]}).json()
+    assert predicted.status_code == 200
+    assert digits == predicted.json()["digits"]
+    assert np.array_equal(np.array(probabilities).reshape(1000, 10), np.array(predicted.json()["probabilities"]))
+    assert [output["name"] for output in only_digit["outputs"]] == ["digit"]
+    assert only_digit["outputs"][0]["data"] == digits[:1]
+    assert process.poll() is None
