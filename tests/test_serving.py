@@ -881,3 +881,22 @@ def test_v2_answers_1000_real_test_images_as_predict_does(server, mnist):
     assert [output["name"] for output in only_digit["outputs"]] == ["digit"]
     assert only_digit["outputs"][0]["data"] == digits[:1]
     assert process.poll() is None
+
+
+def test_metrics_add_up_across_worker_processes(champion, mnist, tmp_path):
+    """--workers 2: prometheus-client's multi-process mode, /metrics sums both workers' counts."""
+    tracking_uri, probabilities = champion
+    port = free_port()
+    command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port), "--workers", "2"]
+    url = f"http://127.0.0.1:{port}"
+    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, tmp_path / "log"):
+        before = scrape(url)
+        answers = []
+        for image in mnist[2][:40]:  # a new connection each: uvicorn spreads them over the workers
+            answers.append(requests.post(f"{url}/predict", json={"image": image.tolist()},
+                                         headers={"Connection": "close"}).json()["digit"])
+        after = scrape(url)
+    key = ("mnist_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
+    assert after[key] - before.get(key, 0) == 40
+    assert after[("mnist_images_per_request_count", ())] - before.get(("mnist_images_per_request_count", ()), 0) == 40
+    assert answers == probabilities[:40].argmax(1).tolist()
