@@ -26,7 +26,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import data, model, registry, serving, training
+from mnist_lifecycle import data, guardrails, model, registry, serving, training
 
 from .conftest import ROOT, VENV_BIN, isolated_env
 from .servers import Server, free_port
@@ -549,6 +549,13 @@ def train_and_register(images, labels, seed: int, tags: dict) -> str:
     return str(version)
 
 
+def validation_images(mnist) -> np.ndarray:
+    """The prepare stage's validation split (5,000 training images, seed 0), without the 8,000
+    images the test models were trained on."""
+    _, validation = data.split_train_val(len(mnist[0]), 5000, 0)
+    return mnist[0][validation[validation >= 8000]]
+
+
 @pytest.fixture(scope="module")
 def registry_copy(champion, mnist, tmp_path_factory):
     """A copy of the champion's store (artifacts shared) with a second real version registered.
@@ -567,6 +574,10 @@ def registry_copy(champion, mnist, tmp_path_factory):
         logged = mlflow.pyfunc.load_model("models:/mnist-digits/2").get_raw_model()
         with torch.inference_mode():
             probabilities = logged(torch.from_numpy(mnist[2][:TEST_IMAGES].astype(np.float32))).numpy()
+            validation = logged(torch.from_numpy(validation_images(mnist).astype(np.float32))).numpy()
+        # What `python -m mnist_lifecycle.guardrails --record` records, chosen the same way.
+        MlflowClient().set_model_version_tag("mnist-digits", "2", guardrails.MIN_CONFIDENCE_TAG,
+                                             str(guardrails.choose_min_confidence(validation)))
     mlflow.set_tracking_uri(None)
     assert not np.array_equal(probabilities.argmax(1), champion[1].argmax(1))  # a different model
     return tracking_uri, store, probabilities
@@ -900,3 +911,65 @@ def test_metrics_add_up_across_worker_processes(champion, mnist, tmp_path):
     assert after[key] - before.get(key, 0) == 40
     assert after[("mnist_images_per_request_count", ())] - before.get(("mnist_images_per_request_count", ()), 0) == 40
     assert answers == probabilities[:40].argmax(1).tolist()
+
+
+def test_guardrails_flag_no_real_mnist_image_and_every_blank_inverted_or_scaled_one(mnist, champion):
+    """The input checks on all 70,000 MNIST images, and the low-confidence threshold chosen on the
+    validation split for the test champion: together <= 0.5% of the 10,000 clean test images."""
+    every_image = np.concatenate([mnist[0], mnist[2]]).astype(np.float32)
+    assert sum(map(bool, guardrails.input_flags(every_image))) == 0
+    test = mnist[2].astype(np.float32)
+    for code, images in (("inverted", 255 - test), ("scaled_0_1", test / 255), ("blank", np.zeros_like(test[:100])),
+                         ("blank", np.full_like(test[:100], 255)), ("blank", test / 255 * 20)):
+        assert {tuple(codes) for codes in guardrails.input_flags(images)} == {(code,)}
+
+    tracking_uri, _ = champion
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        logged = mlflow.pyfunc.load_model("models:/mnist-digits@champion").get_raw_model()
+    with torch.inference_mode():
+        validation = logged(torch.from_numpy(validation_images(mnist).astype(np.float32))).numpy()
+        on_test = logged(torch.from_numpy(test)).numpy()
+    threshold = guardrails.choose_min_confidence(validation)
+    flagged = [codes for codes in guardrails.warnings(test, on_test, threshold) if codes]
+    rate = len(flagged) / len(test)
+    print(f"min_confidence {threshold:.4f} (validation); {len(flagged)} of {len(test)} clean test images "
+          f"flagged ({rate:.2%})")
+    assert 0 < rate <= 0.005
+    assert all([warning["code"] for warning in codes] == ["low_confidence"] for codes in flagged)
+
+
+def test_answers_carry_the_guardrails_warnings(server, following_server, registry_copy, mnist):
+    url, process = server
+    image = mnist[2][0].astype(float)
+    cases = {(): image, ("blank",): np.zeros((28, 28)), ("inverted",): 255 - image, ("scaled_0_1",): image / 255}
+    with requests.Session() as session:
+        for codes, pixels in cases.items():
+            answer = predict(session, url, pixels.tolist())
+            assert tuple(warning["code"] for warning in answer["warnings"]) == codes, answer["warnings"]
+            assert all(len(warning["message"]) > 30 for warning in answer["warnings"])
+        batch = predict(session, url, np.stack(list(cases.values())).tolist())
+        assert [tuple(w["code"] for w in found) for found in batch["warnings"]] == list(cases)
+        v2 = session.post(f"{url}/v2/models/mnist-digits/infer", json={"inputs": [
+            {"name": "image", "shape": [4, 28, 28], "datatype": "FP32", "data": np.stack(list(cases.values())).tolist()}]})
+        assert v2.json()["parameters"]["warnings"] == batch["warnings"]
+        before = scrape(url)
+        predict(session, url, np.zeros((3, 784)).tolist())
+        key = ("mnist_input_warnings_total", (("code", "blank"),))
+        assert scrape(url)[key] - before.get(key, 0) == 3
+
+    # Version 2 records its min_confidence: answers below it say so, exactly those.
+    url, _ = following_server
+    tracking_uri, _, second = registry_copy
+    if requests.get(f"{url}/model").json()["version"] != "2":
+        move_champion(tracking_uri, "2")
+        deadline = time.monotonic() + 30
+        while requests.get(f"{url}/model").json()["version"] != "2" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    threshold = requests.get(f"{url}/model").json()["min_confidence"]
+    assert 0.1 < threshold < 1
+    answer = predict(requests.Session(), url, mnist[2][:1000].tolist())
+    low = [index for index, found in enumerate(answer["warnings"]) if found]
+    assert low == np.flatnonzero(second[:1000].max(1) < threshold).tolist() and low
+    assert {w["code"] for i in low for w in answer["warnings"][i]} == {"low_confidence"}
+    assert process.poll() is None

@@ -101,7 +101,7 @@ def parse_tensor(payload) -> tuple[np.ndarray, list[str], str | None]:
 
 
 def encode_outputs(probabilities: np.ndarray, names: list[str], model_name: str, model_version: str,
-                   request_id: str | None) -> bytes:
+                   request_id: str | None, warnings: list[list[dict]]) -> bytes:
     outputs = {
         "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": list(probabilities.shape),
                           "data": probabilities.reshape(-1)},
@@ -109,7 +109,9 @@ def encode_outputs(probabilities: np.ndarray, names: list[str], model_name: str,
                   "data": probabilities.argmax(axis=1)},
     }
     answer = {"model_name": model_name, "model_version": model_version,
-              "outputs": [outputs[name] for name in names]}
+              "outputs": [outputs[name] for name in names],
+              # The guardrails' flags, one list per image: the protocol's place for extra information.
+              "parameters": {"warnings": warnings}}
     if request_id is not None:
         answer["id"] = request_id
     return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -120,7 +122,7 @@ class Routes:
 
     def __init__(self, source, classify):
         self.source = source
-        self.classify = classify  # async (pixels) -> (probabilities, the ServedModel that answered)
+        self.classify = classify  # async (pixels) -> (probabilities, warnings, the ServedModel that answered)
 
     def _name(self, served) -> str:
         return served.identity.get("name") or DEFAULT_NAME
@@ -192,8 +194,8 @@ class Routes:
             pixels, names, request_id = parse_tensor(_load_json(body))
         except InputError as error:
             raise _bad(error.message) from None
-        probabilities, served = await self.classify(pixels)
+        probabilities, found, served = await self.classify(pixels)
         if wanted is not None and served.version != wanted:  # swapped while the body was parsed
             raise InputError(404, "NOT_FOUND", f"version {wanted!r} of {name!r} is no longer served")
-        return Reply(encode_outputs(probabilities, names, name, served.version, request_id),
+        return Reply(encode_outputs(probabilities, names, name, served.version, request_id, found),
                      headers=[(MODEL_VERSION_HEADER.lower().encode(), served.version.encode())])

@@ -26,6 +26,7 @@ CONFIDENCE = Histogram("mnist_prediction_confidence", "Probability of the predic
                        buckets=(.2, .3, .4, .5, .6, .7, .8, .9, .95, .99, .999, 1))
 SERVED = Gauge("mnist_served_model_info", "1 for the model version served (0 for those served before)",
                ["name", "version", "alias", "run_id"], multiprocess_mode="livemax")
+WARNINGS = Counter("mnist_input_warnings", "Guardrail warnings given, by code (docs/serving.md)", ["code"])
 SWAPS = Counter("mnist_model_swaps", "Times a new version of the alias was loaded and put in service")
 SWAP_FAILURES = Counter("mnist_model_swap_failures", "New versions that failed to load (the old one kept serving)")
 POLL_FAILURES = Counter("mnist_registry_poll_failures", "Registry polls that got no answer (model kept in place)")
@@ -60,8 +61,11 @@ def served(identity: dict, previous: dict | None) -> None:
     SERVED.labels(**_labels(identity)).set(1)
 
 
-def observe_predictions(probabilities: np.ndarray) -> None:
+def observe_predictions(probabilities: np.ndarray, warnings: list[list[dict]]) -> None:
     IMAGES.observe(len(probabilities))
+    for found in warnings:
+        for warning in found:
+            WARNINGS.labels(code=warning["code"]).inc()
     for digit, count in zip(*np.unique(probabilities.argmax(axis=1), return_counts=True)):
         DIGITS.labels(digit=str(digit)).inc(int(count))
     for confidence in probabilities.max(axis=1):

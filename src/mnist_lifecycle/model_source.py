@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from . import metrics
+from .guardrails import MIN_CONFIDENCE_TAG
 
 LOG = logging.getLogger("uvicorn.error")
 DEFAULT_POLL_SECONDS = 5.0
@@ -54,9 +55,9 @@ def parse_alias_uri(model_uri: str) -> tuple[str, str] | None:
     return (name, alias) if alias and "/" not in name else None
 
 
-def _accuracy(tags: dict) -> float | None:
+def _number(tags: dict, key: str) -> float | None:
     try:
-        return float(tags[TEST_ACCURACY_TAG])
+        return float(tags[key])
     except (KeyError, ValueError):
         return None
 
@@ -96,7 +97,8 @@ class ModelSource:
         name, alias = self.alias
         identity = {"name": name, "version": str(version.version), "alias": alias, "run_id": version.run_id,
                     "model_id": getattr(version, "model_id", None), "source": version.source,
-                    "test_accuracy": _accuracy(version.tags)}
+                    "test_accuracy": _number(version.tags, TEST_ACCURACY_TAG),
+                    "min_confidence": _number(version.tags, MIN_CONFIDENCE_TAG)}
         # The version, not the alias: the alias may move between resolving it and loading.
         return self._load(f"models:/{name}/{version.version}", identity)
 

@@ -38,7 +38,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from . import config, metrics
+from . import config, guardrails, metrics
 from .data import IMAGE_SIZE, NUM_CLASSES
 from .request_guard import MAX_BODY_BYTES, InputError, Reply, RequestGuard
 
@@ -50,6 +50,7 @@ PORT_ENV = "MNIST_SERVING_PORT"
 WORKERS_ENV = "MNIST_SERVING_WORKERS"
 THREADS_ENV = "MNIST_SERVING_THREADS"  # torch intra-op threads per worker process
 POLL_ENV = "MNIST_SERVING_POLL_SECONDS"
+MIN_CONFIDENCE_ENV = "MNIST_SERVING_MIN_CONFIDENCE"
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 MAX_BATCH = 1024  # images per request
 # From this many images on, the forward pass runs in a worker thread, where torch releases the GIL:
@@ -194,13 +195,13 @@ def check_invocation(body: bytes) -> None:
     _grey_levels(payload[key], body, key, batch_only=True)
 
 
-def encode_prediction(probabilities: np.ndarray, batched: bool) -> bytes:
-    """N x 10 probabilities -> the /predict response body."""
+def encode_prediction(probabilities: np.ndarray, batched: bool, warnings: list[list[dict]]) -> bytes:
+    """N x 10 probabilities and each image's guardrail warnings -> the /predict response body."""
     digits = probabilities.argmax(axis=1)
     if batched:
-        result = {"digits": digits, "probabilities": probabilities}
+        result = {"digits": digits, "probabilities": probabilities, "warnings": warnings}
     else:
-        result = {"digit": int(digits[0]), "probabilities": probabilities[0]}
+        result = {"digit": int(digits[0]), "probabilities": probabilities[0], "warnings": warnings[0]}
     return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -262,11 +263,16 @@ def openapi_responses() -> dict:
                      "items": {"type": "number", "minimum": 0, "maximum": 1},
                      "description": "probability of each digit 0-9; they sum to 1"}
     digit = {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1}
-    single = {"title": "one image", "type": "object", "required": ["digit", "probabilities"],
-              "properties": {"digit": digit, "probabilities": probabilities}}
-    batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities"],
+    warning = {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"enum": ["blank", "scaled_0_1", "inverted", "low_confidence"]}, "message": {"type": "string"}}}
+    warnings = {"type": "array", "items": warning,
+                "description": "what makes the image unlike MNIST's (docs/serving.md, Guardrails); empty if nothing"}
+    single = {"title": "one image", "type": "object", "required": ["digit", "probabilities", "warnings"],
+              "properties": {"digit": digit, "probabilities": probabilities, "warnings": warnings}}
+    batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities", "warnings"],
              "properties": {"digits": {"type": "array", "items": digit},
-                            "probabilities": {"type": "array", "items": probabilities}}}
+                            "probabilities": {"type": "array", "items": probabilities},
+                            "warnings": {"type": "array", "items": warnings}}}
     return {
         "200": {"description": "the predicted digit(s) and class probabilities",
                 "content": {"application/json": {"schema": {"oneOf": [single, batch]}}}},
@@ -372,7 +378,8 @@ def model_route_responses() -> dict:
     identity = {"type": "object", "required": ["source", "loaded_at"], "properties": {
         "name": text, "version": text, "alias": text, "run_id": text, "model_id": text, "source": text,
         "loaded_at": {"type": "string", "description": "when this server loaded it (UTC, ISO 8601)"},
-        "test_accuracy": {"type": ["number", "null"], "description": "recorded by the register stage"}}}
+        "test_accuracy": {"type": ["number", "null"], "description": "recorded by the register stage"},
+        "min_confidence": {"type": ["number", "null"], "description": "recorded low-confidence threshold"}}}
     return {"200": {"description": "the model this server answers with",
                     "content": {"application/json": {"schema": identity}}}}
 
@@ -418,7 +425,7 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 def create_app(model_uri: str | None = None, threads: int | None = None,
-               poll_seconds: float | None = None) -> metrics.Instrumented:
+               poll_seconds: float | None = None, min_confidence: float | None = None) -> metrics.Instrumented:
     """The model (a ModelSource following the registry when the URI is an alias) served by MLflow's
     scoring app with /predict, /model, /metrics and the V2 routes added, behind the input policy of
     request_guard: every request's body bounded in size and time, /predict, /invocations and V2
@@ -429,8 +436,9 @@ def create_app(model_uri: str | None = None, threads: int | None = None,
     /predict's own work (benchmarks/serving.py measured about half the throughput through it).
     The route is registered in MLflow's app too, for /openapi.json.
 
-    Arguments default to $MODEL_URI, $MNIST_SERVING_THREADS and $MNIST_SERVING_POLL_SECONDS (how
-    uvicorn's worker processes, which call this as a factory, get them).
+    Arguments default to $MODEL_URI, $MNIST_SERVING_THREADS, $MNIST_SERVING_POLL_SECONDS and
+    $MNIST_SERVING_MIN_CONFIDENCE (how uvicorn's worker processes, which call this as a factory, get
+    them); without a min_confidence, each version's recorded `min_confidence` tag is used.
     """
     import torch
 
@@ -441,22 +449,27 @@ def create_app(model_uri: str | None = None, threads: int | None = None,
     torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
     if poll_seconds is None:
         poll_seconds = float(os.environ.get(POLL_ENV) or DEFAULT_POLL_SECONDS)
+    if min_confidence is None and os.environ.get(MIN_CONFIDENCE_ENV):
+        min_confidence = float(os.environ[MIN_CONFIDENCE_ENV])
     resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
 
     async def classify(pixels: np.ndarray):
-        """(probabilities, the model that answered): one read of `source.current` per request."""
+        """(probabilities, guardrail warnings, the model that answered): one read of
+        `source.current` per request."""
         served = source.current
         if len(pixels) < THREAD_BATCH:
             probabilities = served.forward(pixels)
         else:
             probabilities = await run_in_threadpool(served.forward, pixels)
-        metrics.observe_predictions(probabilities)
-        return probabilities, served
+        found = guardrails.warnings(pixels, probabilities, served.identity.get("min_confidence")
+                                    if min_confidence is None else min_confidence)
+        metrics.observe_predictions(probabilities, found)
+        return probabilities, found, served
 
     async def predict(body: bytes) -> Reply:
         pixels, batched = parse_images(body)
-        probabilities, served = await classify(pixels)
-        return Reply(encode_prediction(probabilities, batched),
+        probabilities, found, served = await classify(pixels)
+        return Reply(encode_prediction(probabilities, batched, found),
                      headers=[(b"x-model-version", served.version.encode())])
 
     async def invocations(body: bytes) -> None:
@@ -502,6 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="when serving models:/NAME@ALIAS, seconds between asks to the registry where the "
                              f"alias points; a new version is loaded and swapped in (${POLL_ENV}; "
                              "default %(default)s; 0: never)")
+    parser.add_argument("--min-confidence", type=float, default=env(MIN_CONFIDENCE_ENV),
+                        help="top probability below which an answer carries a low_confidence warning "
+                             f"(${MIN_CONFIDENCE_ENV}; default: the served version's tag min_confidence, "
+                             "recorded by python -m mnist_lifecycle.guardrails --record; none: not checked)")
     return parser.parse_args(argv)
 
 
@@ -513,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[MODEL_URI_ENV] = args.model_uri
     os.environ[THREADS_ENV] = str(args.threads)
     os.environ[POLL_ENV] = str(args.poll_seconds)
+    if args.min_confidence is not None:
+        os.environ[MIN_CONFIDENCE_ENV] = str(args.min_confidence)
     if args.workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
         # prometheus-client's multi-process mode: each worker writes its values under this directory.
         os.environ[metrics.MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
