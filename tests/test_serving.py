@@ -484,16 +484,46 @@ def test_serving_requirements_agree_with_the_lock_and_leave_torch_to_the_dockerf
     assert f"torch=={locked['torch']}+cpu" in dockerfile
 
 
-def test_kubernetes_manifests_match_the_image():
-    deployment, service = (yaml.safe_load((ROOT / "serving" / "k8s" / name).read_text())
-                           for name in ("deployment.yaml", "service.yaml"))
+KUBERNETES_VERSION = "1.33.0"  # any cluster since 1.30 runs these (the preStop sleep action)
+
+
+def test_kubernetes_manifests_are_valid_roll_and_probe_routes_the_server_has(server):
+    """Every manifest against Kubernetes' own schemas (kubernetes-validate, offline, strict: unknown
+    fields refused), and what makes the Deployment roll without dropping requests."""
+    import kubernetes_validate
+
+    manifests = {}
+    for path in sorted((ROOT / "serving" / "k8s").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+            manifests[document["kind"]] = document
+    assert set(manifests) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    deployment, service = manifests["Deployment"], manifests["Service"]
+    hpa, pdb = manifests["HorizontalPodAutoscaler"], manifests["PodDisruptionBudget"]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["replicas"] >= 2 and hpa["spec"]["minReplicas"] >= 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     (port,) = container["ports"]
     assert port["containerPort"] == serving.DEFAULT_PORT
-    assert container["readinessProbe"]["httpGet"]["path"] in ("/ping", "/health")
+    assert container["resources"]["requests"]["memory"] and container["resources"]["limits"]["memory"]
     assert service["spec"]["type"] == "ClusterIP"  # no authentication: never exposed directly
     assert service["spec"]["ports"][0]["targetPort"] == port["name"]
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["selector"] == labels == pdb["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+
+    # The probes and the scrape annotation name routes this server answers.
+    url, _ = server
+    probes = [container[probe]["httpGet"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    paths = [probe["path"] for probe in probes] + [annotations["prometheus.io/path"]]
+    assert all(probe["port"] == port["name"] for probe in probes)
+    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    assert {path: requests.get(f"{url}{path}").status_code for path in paths} == dict.fromkeys(paths, 200)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
 def test_parse_images_shapes_and_dtype():
