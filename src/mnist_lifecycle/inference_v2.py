@@ -20,9 +20,10 @@ import numpy as np
 import orjson
 
 from .data import IMAGE_SIZE, NUM_CLASSES
+from .input_contract import MAX_BATCH, PIXELS, _load_json, check_range
+from .model_source import MODEL_VERSION_HEADER
 from .request_guard import InputError, Reply
 
-PIXELS = IMAGE_SIZE * IMAGE_SIZE
 DEFAULT_NAME = "mnist-digits"  # the name of a model served from a directory or a run
 DATATYPES = ("FP32", "UINT8")
 OUTPUTS = ("probabilities", "digit")
@@ -44,8 +45,6 @@ def _kind(value) -> str:
 
 def parse_tensor(payload) -> tuple[np.ndarray, list[str], str | None]:
     """An infer request -> (float32 N x 28 x 28 grey levels, outputs asked for, request id)."""
-    from .serving import MAX_BATCH, check_range
-
     if not isinstance(payload, dict):
         raise _bad(f"body must be a JSON object with \"inputs\", got {_kind(payload)}")
     if "inputs" not in payload:
@@ -187,8 +186,6 @@ class Routes:
         return orjson.dumps({"name": name, "ready": True})
 
     async def _infer(self, body: bytes, name: str, wanted: str | None) -> Reply:
-        from .serving import MODEL_VERSION_HEADER, _load_json
-
         self._served(name, wanted)
         try:
             pixels, names, request_id = parse_tensor(_load_json(body))

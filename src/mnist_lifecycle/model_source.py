@@ -25,6 +25,7 @@ from .guardrails import MIN_CONFIDENCE_TAG
 
 LOG = logging.getLogger("uvicorn.error")
 DEFAULT_POLL_SECONDS = 5.0
+MODEL_VERSION_HEADER = "X-Model-Version"  # on every answer of /predict and V2 infer
 TEST_ACCURACY_TAG = "test_accuracy"  # set on each version by the register stage (registry.py)
 
 
