@@ -90,7 +90,7 @@ def openapi_request() -> dict:
     image = {
         "description": (
             f"Grey levels 0-255 (0 = black background, 255 = white ink, as in MNIST), row by row. "
-            f"0-1 floats are not detected nor rescaled. One image ({IMAGE_SIZE}x{IMAGE_SIZE} nested "
+            f"0-1 floats are not rescaled (a warning flags them). One image ({IMAGE_SIZE}x{IMAGE_SIZE} nested "
             f"lists or a flat list of {PIXELS}) or a batch of 1 to {MAX_BATCH} of either. "
             f"Bodies above {MAX_BODY_BYTES} bytes are refused."
         ),
