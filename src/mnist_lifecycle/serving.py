@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 from importlib import resources
@@ -394,9 +395,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[POLL_ENV] = str(args.poll_seconds)
     if args.min_confidence is not None:
         os.environ[MIN_CONFIDENCE_ENV] = str(args.min_confidence)
+    metrics_dir = None
     if args.workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
         # prometheus-client's multi-process mode: each worker writes its values under this directory.
-        os.environ[metrics.MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
+        metrics_dir = os.environ[metrics.MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
     tracking_uri = resolve_tracking_uri()
     if Path(args.model_uri).exists():
         args.model_uri = str(Path(args.model_uri).resolve())
@@ -404,8 +406,12 @@ def main(argv: list[str] | None = None) -> None:
     check_registered(args.model_uri)
     print(f"serving {args.model_uri} (tracking {tracking_uri or 'unset'}) on http://{args.host}:{args.port}",
           file=sys.stderr)
-    uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="warning")
+    try:
+        uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="warning")
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
