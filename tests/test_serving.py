@@ -930,15 +930,27 @@ def test_metrics_add_up_across_worker_processes(champion, mnist, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "mnist_lifecycle.serving", "--port", str(port), "--workers", "2"]
     url = f"http://127.0.0.1:{port}"
-    with running(command, port, isolated_env(MLFLOW_TRACKING_URI=tracking_uri), ROOT, tmp_path / "log"):
+    values = tmp_path / "metrics"  # where the workers write their values (main() makes one if unset)
+    values.mkdir()
+    env = isolated_env(MLFLOW_TRACKING_URI=tracking_uri, PROMETHEUS_MULTIPROC_DIR=str(values))
+    with running(command, port, env, ROOT, tmp_path / "log"):
         before = scrape(url)
         answers = []
         for image in mnist[2][:40]:  # a new connection each: uvicorn spreads them over the workers
             answers.append(requests.post(f"{url}/predict", json={"image": image.tolist()},
                                          headers={"Connection": "close"}).json()["digit"])
         after = scrape(url)
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        per_worker = []  # each worker's own /predict count, from its own file
+        for path in sorted(values.glob("counter_*.db")):
+            samples = [sample for metric in MultiProcessCollector.merge([str(path)]) for sample in metric.samples
+                       if sample.name == "mnist_http_requests_total" and sample.labels.get("route") == "/predict"]
+            per_worker.append(sum(sample.value for sample in samples))
     key = ("mnist_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
-    assert after[key] - before.get(key, 0) == 40
+    # Both workers answered some (the supervisor process, which imports the module, has a file too).
+    assert len([count for count in per_worker if count > 0]) == 2, per_worker
+    assert after[key] - before.get(key, 0) == 40 == sum(per_worker)
     assert after[("mnist_images_per_request_count", ())] - before.get(("mnist_images_per_request_count", ()), 0) == 40
     assert answers == probabilities[:40].argmax(1).tolist()
 
