@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -26,9 +27,6 @@ BODY_TIMEOUT_ENV = "MNIST_SERVING_BODY_TIMEOUT"
 DEFAULT_BODY_TIMEOUT = 30.0
 LOG = logging.getLogger("uvicorn.error")  # configured by uvicorn: one formatted line per event
 
-# A handler validates the body of its route and answers it (response bytes), or returns None to
-# let the wrapped app answer; it raises InputError for a body that breaks the contract.
-Handler = Callable[[bytes], Awaitable[bytes | None]]
 
 
 class InputError(ValueError):
@@ -42,6 +40,25 @@ class InputError(ValueError):
 
     def body(self) -> bytes:
         return orjson.dumps({"error_code": self.error_code, "message": self.message})
+
+
+@dataclass
+class Reply:
+    """A handler's answer when it is more than a 200 JSON body."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    content_type: bytes = b"application/json"
+    status: int = 200
+
+
+# A handler validates the body of its route and answers it (response bytes or a Reply), or returns
+# None to let the wrapped app answer; it raises InputError for a body that breaks the contract.
+Handler = Callable[[bytes], Awaitable[bytes | Reply | None]]
+# Finds the handler of a path with parameters (the V2 routes), given the method and path.
+Resolver = Callable[[str, str], Handler | None]
+# Renders an InputError in a protocol's own error form (V2: {"error": message}).
+ErrorForm = Callable[[InputError], bytes]
 
 
 class ClientGone(Exception):
@@ -90,8 +107,9 @@ async def read_body(receive, content_length: str | None, timeout: float) -> byte
             return b"".join(chunks)
 
 
-async def send_response(send, status: int, body: bytes, close: bool = False) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+async def send_response(send, status: int, body: bytes, close: bool = False,
+                        content_type: bytes = b"application/json", extra: list | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *(extra or [])]
     if close:  # uvicorn closes the connection after a response saying so
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -105,11 +123,20 @@ class RequestGuard:
     (/ping answers "\\n", /version "3.x"): their Content-Type is corrected to text/plain.
     """
 
-    def __init__(self, app, handlers: dict[tuple[str, str], Handler], text_routes: tuple[str, ...] = ()):
+    def __init__(self, app, handlers: dict[tuple[str, str], Handler], text_routes: tuple[str, ...] = (),
+                 resolve: Resolver | None = None, error_forms: dict[str, ErrorForm] | None = None):
         self.app = app
         self.handlers = handlers
         self.text_routes = text_routes
+        self.resolve = resolve
+        self.error_forms = error_forms or {}  # path prefix -> form of its errors
         self.timeout = body_timeout()
+
+    def error_body(self, path: str, error: InputError) -> bytes:
+        for prefix, form in self.error_forms.items():
+            if path.startswith(prefix):
+                return form(error)
+        return error.body()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -117,12 +144,17 @@ class RequestGuard:
             return
         method, path = scope["method"], scope["path"]
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        handler = self.handlers.get((method, path))
+        handler = self.handlers.get((method, path)) or (self.resolve and self.resolve(method, path))
         try:
             body = await read_body(receive, headers.get("content-length"), self.timeout)
             if handler:
-                check_content_type(headers.get("content-type"))
+                if method == "POST":
+                    check_content_type(headers.get("content-type"))
                 answer = await handler(body)
+                if isinstance(answer, Reply):
+                    await send_response(send, answer.status, answer.body, content_type=answer.content_type,
+                                        extra=answer.headers)
+                    return
                 if answer is not None:
                     await send_response(send, 200, answer)
                     return
@@ -132,7 +164,7 @@ class RequestGuard:
                         client, gone.args[0], method, path)
             return
         except InputError as error:
-            await send_response(send, error.status, error.body(), close=error.status == 408)
+            await send_response(send, error.status, self.error_body(path, error), close=error.status == 408)
             return
 
         delivered = False

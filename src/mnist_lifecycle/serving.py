@@ -6,10 +6,14 @@ MLflow's app (`mlflow.pyfunc.scoring_server.init`) keeps `/invocations`, `/ping`
 `/version` exactly as `mlflow models serve` has them; `/predict` is added to that app. It takes
 `{"image": ...}`: one 28x28 image as nested lists, one flat list of 784 values, or a batch of
 either, grey levels 0-255 (0-1 floats are NOT rescaled: they are read as near-black pixels). It
-answers the predicted digit(s) and the class probabilities. Preprocessing is inside the logged
+answers the predicted digit(s), the class probabilities and the guardrails' warnings
+(guardrails.py), with the served version in `X-Model-Version`. Preprocessing is inside the logged
 model (`model.ProbabilityModel`), so /predict hands it the grey levels as float32, as training
 and evaluation did. Every malformed request gets a 4xx JSON error saying what is wrong:
-`{"error_code": ..., "message": ...}`.
+`{"error_code": ..., "message": ...}` (input_contract.py).
+
+Also: GET /model (what is served), GET /metrics (metrics.py), the Open Inference Protocol V2
+(inference_v2.py); a server on `models:/NAME@ALIAS` follows the alias (model_source.py).
 
 Every route is behind one input policy (request_guard.py): bodies bounded in size and arrival
 time, and `/invocations` validated with /predict's contract (a batch N x 28 x 28 of grey levels
@@ -26,7 +30,9 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
@@ -37,9 +43,12 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from . import config
+from . import config, guardrails, metrics
 from .data import IMAGE_SIZE, NUM_CLASSES
-from .request_guard import MAX_BODY_BYTES, InputError, RequestGuard
+from .input_contract import (  # noqa: F401 - the contract's names, as serving.* for its users
+    MAX_BATCH, PIXELS, _load_json, check_invocation, check_range, encode_prediction, parse_images)
+from .model_source import DEFAULT_POLL_SECONDS, MODEL_VERSION_HEADER, ModelSource
+from .request_guard import MAX_BODY_BYTES, InputError, Reply, RequestGuard
 
 DEFAULT_MODEL_URI = "models:/mnist-digits@champion"
 DEFAULT_PORT = 9201
@@ -48,8 +57,8 @@ HOST_ENV = "MNIST_SERVING_HOST"
 PORT_ENV = "MNIST_SERVING_PORT"
 WORKERS_ENV = "MNIST_SERVING_WORKERS"
 THREADS_ENV = "MNIST_SERVING_THREADS"  # torch intra-op threads per worker process
-PIXELS = IMAGE_SIZE * IMAGE_SIZE
-MAX_BATCH = 1024  # images per request
+POLL_ENV = "MNIST_SERVING_POLL_SECONDS"
+MIN_CONFIDENCE_ENV = "MNIST_SERVING_MIN_CONFIDENCE"
 # From this many images on, the forward pass runs in a worker thread, where torch releases the GIL:
 # meanwhile the event loop parses the next request on the other core. A single image's forward
 # pass (~1 ms) is cheaper on the event loop than handed to a thread.
@@ -61,140 +70,6 @@ PREDICT_DESCRIPTION = (
     "ink on black). Preprocessing is the training preprocessing, inside the logged model. "
     "Errors are 4xx JSON objects {error_code, message}."
 )
-
-
-def _invalid(message: str) -> InputError:
-    return InputError(422, "INVALID_INPUT", message)
-
-
-def _describe(value) -> str:
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return f"a string ({value[:20]!r})"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    return repr(value)
-
-
-def _find_malformed(value, path: str = "image", depth: int = 0) -> str | None:
-    """Where a nested list is not a rectangular array of numbers: the first culprit, or None.
-
-    Only called once numpy has refused the input (or let booleans through as integers), to turn
-    "inhomogeneous shape" into a message naming the element.
-    """
-    if not isinstance(value, list):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return None
-        return f"{path} is {_describe(value)}, expected a number from 0 to 255"
-    if depth == 3:  # batch, rows, columns: deeper is wrong, and must not exhaust the stack
-        return f"{path} is {_describe(value)}, expected a number: images nest at most 3 lists deep"
-    if not value:
-        return f"{path} is an empty list"
-    first_is_list = isinstance(value[0], list)
-    for index, item in enumerate(value):
-        if isinstance(item, list) != first_is_list or (
-            first_is_list and len(item) != len(value[0])
-        ):
-            return (f"{path}[{index}] is {_describe(item)} but {path}[0] is {_describe(value[0])}: "
-                    "rows must all be lists of the same length, or all numbers")
-        problem = _find_malformed(item, f"{path}[{index}]", depth + 1)
-        if problem:
-            return problem
-    return None
-
-
-def _load_json(body: bytes):
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InputError(400, "INVALID_JSON", f"body is not valid JSON: {exc}") from None
-
-
-def _single_key(payload, keys: tuple[str, ...], what: str) -> str:
-    """The one key of a request object among `keys`, else a 422 naming what was sent."""
-    expected = " or ".join(f'{{"{key}": ...}}' for key in keys)
-    names = " or ".join(f'"{key}"' for key in keys)
-    if not isinstance(payload, dict):
-        raise _invalid(f"body must be a JSON object {expected}, got {_describe(payload)}")
-    present = [key for key in keys if key in payload]
-    if not present:
-        raise _invalid(f"body must have the key {names} ({what}), got keys {sorted(payload)}")
-    if len(payload) > 1:
-        raise _invalid(f"unexpected key(s) {sorted(set(payload) - {present[0]})}: only {names} is accepted")
-    return present[0]
-
-
-def _grey_levels(image, body: bytes, name: str, batch_only: bool = False) -> tuple[np.ndarray, bool]:
-    """Nested lists -> (float32 N x 28 x 28, whether they were a batch); 422 naming the culprit.
-
-    `batch_only`: only N x 28 x 28, the model's signature (what MLflow's /invocations feeds it).
-    """
-    if not isinstance(image, list):
-        raise _invalid(f"{name} must be a list (nested lists of grey levels), got {_describe(image)}")
-    try:
-        array = np.array(image)
-    except (ValueError, OverflowError):
-        array = None
-    # numpy reads [1, true] as integers: booleans can only appear in the body as JSON literals,
-    # since the one key holds the images and strings would have made the array a string array.
-    if array is None or array.dtype.kind not in "iuf" or b"true" in body or b"false" in body:
-        raise _invalid(_find_malformed(image, name) or f"{name} must be nested lists of numbers")
-
-    single = not batch_only and (array.ndim == 1 and array.shape[0] == PIXELS
-                                 or array.shape == (IMAGE_SIZE, IMAGE_SIZE))
-    batched = (array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)
-               or not batch_only and array.ndim == 2 and array.shape[1] == PIXELS)
-    if not (single or batched):
-        if array.size == 0:
-            raise _invalid(_find_malformed(image, name) or f"{name} is empty")
-        expected = (f"a batch of images, N x {IMAGE_SIZE} x {IMAGE_SIZE}" if batch_only else
-                    f"one image ({IMAGE_SIZE} x {IMAGE_SIZE} nested lists, or a flat list of {PIXELS}) "
-                    f"or a batch of either (N x {IMAGE_SIZE} x {IMAGE_SIZE} or N x {PIXELS})")
-        raise _invalid(f"{name} has shape {' x '.join(map(str, array.shape))}; expected {expected}")
-    if batched and len(array) > MAX_BATCH:
-        raise _invalid(f"batch of {len(array)} images exceeds the maximum of {MAX_BATCH} per request")
-
-    outside = ~np.isfinite(array) | (array < 0) | (array > 255)
-    if outside.any():
-        first = np.argwhere(outside)[0]
-        where = "".join(f"[{i}]" for i in first)
-        raise _invalid(f"{name}{where} = {array[tuple(first)]} is outside 0-255: "
-                       "send grey levels 0-255 (0-1 values are not rescaled)")
-    return array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32), batched
-
-
-def parse_images(body: bytes) -> tuple[np.ndarray, bool]:
-    """A /predict body -> (float32 N x 28 x 28 grey levels, whether the request was a batch).
-
-    Raises InputError (400 for invalid JSON, 422 for JSON that breaks the contract).
-    """
-    payload = _load_json(body)
-    key = _single_key(payload, ("image",), "grey levels 0-255 of one 28x28 image or a batch")
-    return _grey_levels(payload[key], body, key)
-
-
-def check_invocation(body: bytes) -> None:
-    """An /invocations body holds what /predict accepts, in MLflow's tensor form: {"inputs": N x
-    28 x 28} (or "instances"); MLflow's other input forms (dataframes, CSV) are refused."""
-    payload = _load_json(body)
-    key = _single_key(payload, ("inputs", "instances"), f"a batch of N x {IMAGE_SIZE} x {IMAGE_SIZE} "
-                      "grey levels 0-255; dataframe forms are not accepted")
-    _grey_levels(payload[key], body, key, batch_only=True)
-
-
-def encode_prediction(probabilities: np.ndarray, batched: bool) -> bytes:
-    """N x 10 probabilities -> the /predict response body."""
-    digits = probabilities.argmax(axis=1)
-    if batched:
-        result = {"digits": digits, "probabilities": probabilities}
-    else:
-        result = {"digit": int(digits[0]), "probabilities": probabilities[0]}
-    return orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _pixel_schema() -> dict:
@@ -216,7 +91,7 @@ def openapi_request() -> dict:
     image = {
         "description": (
             f"Grey levels 0-255 (0 = black background, 255 = white ink, as in MNIST), row by row. "
-            f"0-1 floats are not detected nor rescaled. One image ({IMAGE_SIZE}x{IMAGE_SIZE} nested "
+            f"0-1 floats are not rescaled (a warning flags them). One image ({IMAGE_SIZE}x{IMAGE_SIZE} nested "
             f"lists or a flat list of {PIXELS}) or a batch of 1 to {MAX_BATCH} of either. "
             f"Bodies above {MAX_BODY_BYTES} bytes are refused."
         ),
@@ -255,11 +130,16 @@ def openapi_responses() -> dict:
                      "items": {"type": "number", "minimum": 0, "maximum": 1},
                      "description": "probability of each digit 0-9; they sum to 1"}
     digit = {"type": "integer", "minimum": 0, "maximum": NUM_CLASSES - 1}
-    single = {"title": "one image", "type": "object", "required": ["digit", "probabilities"],
-              "properties": {"digit": digit, "probabilities": probabilities}}
-    batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities"],
+    warning = {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"enum": ["blank", "scaled_0_1", "inverted", "low_confidence"]}, "message": {"type": "string"}}}
+    warnings = {"type": "array", "items": warning,
+                "description": "what makes the image unlike MNIST's (docs/serving.md, Guardrails); empty if nothing"}
+    single = {"title": "one image", "type": "object", "required": ["digit", "probabilities", "warnings"],
+              "properties": {"digit": digit, "probabilities": probabilities, "warnings": warnings}}
+    batch = {"title": "a batch", "type": "object", "required": ["digits", "probabilities", "warnings"],
              "properties": {"digits": {"type": "array", "items": digit},
-                            "probabilities": {"type": "array", "items": probabilities}}}
+                            "probabilities": {"type": "array", "items": probabilities},
+                            "warnings": {"type": "array", "items": warnings}}}
     return {
         "200": {"description": "the predicted digit(s) and class probabilities",
                 "content": {"application/json": {"schema": {"oneOf": [single, batch]}}}},
@@ -360,66 +240,120 @@ def document_app(app) -> None:
         schema["paths"][path]["get"]["responses"] = text
 
 
-def create_app(model_uri: str | None = None, threads: int | None = None) -> RequestGuard:
-    """MLflow's scoring app for the model, with POST /predict added to it, behind the input policy
-    of request_guard: every request's body bounded in size and time, /predict and /invocations
-    validated before any model code runs.
+def model_route_responses() -> dict:
+    text = {"type": ["string", "null"]}
+    identity = {"type": "object", "required": ["source", "loaded_at"], "properties": {
+        "name": text, "version": text, "alias": text, "run_id": text, "model_id": text, "source": text,
+        "loaded_at": {"type": "string", "description": "when this server loaded it (UTC, ISO 8601)"},
+        "test_accuracy": {"type": ["number", "null"], "description": "recorded by the register stage"},
+        "min_confidence": {"type": ["number", "null"], "description": "recorded low-confidence threshold"}}}
+    return {"200": {"description": "the model this server answers with",
+                    "content": {"application/json": {"schema": identity}}}}
 
-    /predict is answered by the guard itself: MLflow's app runs every request through its
-    per-request timeout middleware (a Starlette BaseHTTPMiddleware), which costs more than all of
-    /predict's own work (benchmarks/serving.py measured about half the throughput through it).
-    The route is registered in MLflow's app too, for /openapi.json.
 
-    Arguments default to $MODEL_URI and $MNIST_SERVING_THREADS (how uvicorn's worker processes,
-    which call this as a factory, get them).
-    """
-    import mlflow.pyfunc
-    import torch
+def build_app(pyfunc_model, served, predict):
+    """MLflow's scoring app for one loaded model (its /invocations is bound to it), with /predict
+    and /model added for the OpenAPI schema; the request guard answers those two itself.
+    `served()` is the ServedModel answering now."""
     from mlflow.pyfunc import scoring_server
 
-    model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
-    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
-    resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
-    pyfunc_model = mlflow.pyfunc.load_model(model_uri)
-    module = pyfunc_model.get_raw_model()  # the ProbabilityModel, as a torch.export GraphModule
     app = scoring_server.init(pyfunc_model)
-
-    def forward(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(pixels)).numpy()
-
-    async def predict(body: bytes) -> bytes:
-        pixels, batched = parse_images(body)
-        if len(pixels) < THREAD_BATCH:
-            probabilities = forward(pixels)
-        else:
-            probabilities = await run_in_threadpool(forward, pixels)
-        return encode_prediction(probabilities, batched)
-
-    async def invocations(body: bytes) -> None:
-        check_invocation(body)  # then MLflow's handler answers
 
     async def predict_route(request: Request) -> Response:
         """Only reached when MLflow's app is served without the guard."""
         try:
-            return Response(await predict(await request.body()), media_type="application/json")
+            reply = await predict(await request.body())
+            return Response(reply.body, media_type="application/json", headers={MODEL_VERSION_HEADER: served().version})
         except InputError as error:
             return Response(error.body(), status_code=error.status, media_type="application/json")
+
+    async def model_route() -> Response:
+        return Response(orjson.dumps(served().identity), media_type="application/json")
 
     app.add_api_route(
         "/predict", predict_route, methods=["POST"], summary="Classify handwritten digits", operation_id="predict",
         description=PREDICT_DESCRIPTION, response_class=Response,
         openapi_extra={"requestBody": openapi_request(), "responses": openapi_responses()},
     )
+    app.add_api_route("/model", model_route, methods=["GET"], summary="The model served", operation_id="model",
+                      response_class=Response, openapi_extra={"responses": model_route_responses()},
+                      description="Registered name, version and alias, run and model ids, source, load time "
+                                  "and recorded test accuracy of the model answering now.")
     for route in app.routes:
         if getattr(route, "path", None) == "/invocations":
             route.summary = "MLflow's scoring route, validated like /predict"
             route.openapi_extra = {"requestBody": openapi_invocations_request(),
                                    "responses": openapi_invocations_responses()}
     document_app(app)
-    app.state.model_uri = model_uri
-    return RequestGuard(app, {("POST", "/predict"): predict, ("POST", "/invocations"): invocations},
-                        text_routes=TEXT_ROUTES)
+    return app
+
+
+def create_app(model_uri: str | None = None, threads: int | None = None,
+               poll_seconds: float | None = None, min_confidence: float | None = None) -> metrics.Instrumented:
+    """The model (a ModelSource following the registry when the URI is an alias) served by MLflow's
+    scoring app with /predict, /model, /metrics and the V2 routes added, behind the input policy of
+    request_guard: every request's body bounded in size and time, /predict, /invocations and V2
+    infer validated before any model code runs.
+
+    /predict is answered by the guard itself: MLflow's app runs every request through its
+    per-request timeout middleware (a Starlette BaseHTTPMiddleware), which costs more than all of
+    /predict's own work (benchmarks/serving.py measured about half the throughput through it).
+    The route is registered in MLflow's app too, for /openapi.json.
+
+    Arguments default to $MODEL_URI, $MNIST_SERVING_THREADS, $MNIST_SERVING_POLL_SECONDS and
+    $MNIST_SERVING_MIN_CONFIDENCE (how uvicorn's worker processes, which call this as a factory, get
+    them); without a min_confidence, each version's recorded `min_confidence` tag is used.
+    """
+    import torch
+
+    from . import inference_v2
+
+    model_uri = model_uri or os.environ.get(MODEL_URI_ENV) or DEFAULT_MODEL_URI
+    torch.set_num_threads(threads or int(os.environ.get(THREADS_ENV, "1")))
+    if poll_seconds is None:
+        poll_seconds = float(os.environ.get(POLL_ENV) or DEFAULT_POLL_SECONDS)
+    if min_confidence is None and os.environ.get(MIN_CONFIDENCE_ENV):
+        min_confidence = float(os.environ[MIN_CONFIDENCE_ENV])
+    resolve_tracking_uri()  # sets $MLFLOW_TRACKING_URI if unset: main() did, a direct caller may not
+
+    async def classify(pixels: np.ndarray):
+        """(probabilities, guardrail warnings, the model that answered): one read of
+        `source.current` per request."""
+        served = source.current
+        if len(pixels) < THREAD_BATCH:
+            probabilities = served.forward(pixels)
+        else:
+            probabilities = await run_in_threadpool(served.forward, pixels)
+        found = guardrails.warnings(pixels, probabilities, served.identity.get("min_confidence")
+                                    if min_confidence is None else min_confidence)
+        metrics.observe_predictions(probabilities, found)
+        return probabilities, found, served
+
+    async def predict(body: bytes) -> Reply:
+        pixels, batched = parse_images(body)
+        probabilities, found, served = await classify(pixels)
+        return Reply(encode_prediction(probabilities, batched, found),
+                     headers=[(MODEL_VERSION_HEADER.lower().encode(), served.version.encode())])
+
+    async def invocations(body: bytes) -> None:
+        check_invocation(body)  # then MLflow's handler answers
+
+    async def model(body: bytes) -> bytes:
+        return orjson.dumps(source.current.identity)
+
+    async def metrics_text(body: bytes) -> Reply:
+        text, content_type = metrics.render()
+        return Reply(text, content_type=content_type.encode())
+
+    warm_up = np.array(example_digit(), dtype=np.float32)[None]
+    source = ModelSource(model_uri, lambda pyfunc_model: build_app(pyfunc_model, lambda: source.current, predict),
+                         warm_up, poll_seconds)
+    v2 = inference_v2.Routes(source, classify)
+    guard = RequestGuard(source.asgi, {("POST", "/predict"): predict, ("POST", "/invocations"): invocations,
+                                       ("GET", "/model"): model, ("GET", "/metrics"): metrics_text},
+                         text_routes=TEXT_ROUTES, resolve=v2.resolve, error_forms={"/v2": inference_v2.error_body})
+    source.start()
+    return metrics.Instrumented(guard)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -440,6 +374,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"worker processes (${WORKERS_ENV}; default %(default)s)")
     parser.add_argument("--threads", type=int, default=int(env(THREADS_ENV, "1")),
                         help=f"torch threads per worker (${THREADS_ENV}; default %(default)s)")
+    parser.add_argument("--poll-seconds", type=float, default=float(env(POLL_ENV, "5")),
+                        help="when serving models:/NAME@ALIAS, seconds between asks to the registry where the "
+                             f"alias points; a new version is loaded and swapped in (${POLL_ENV}; "
+                             "default %(default)s; 0: never)")
+    parser.add_argument("--min-confidence", type=float, default=env(MIN_CONFIDENCE_ENV),
+                        help="top probability below which an answer carries a low_confidence warning "
+                             f"(${MIN_CONFIDENCE_ENV}; default: the served version's tag min_confidence, "
+                             "recorded by python -m mnist_lifecycle.guardrails --record; none: not checked)")
     return parser.parse_args(argv)
 
 
@@ -450,6 +392,13 @@ def main(argv: list[str] | None = None) -> None:
     # Worker processes build the app from the environment (uvicorn factory).
     os.environ[MODEL_URI_ENV] = args.model_uri
     os.environ[THREADS_ENV] = str(args.threads)
+    os.environ[POLL_ENV] = str(args.poll_seconds)
+    if args.min_confidence is not None:
+        os.environ[MIN_CONFIDENCE_ENV] = str(args.min_confidence)
+    metrics_dir = None
+    if args.workers > 1 and not os.environ.get(metrics.MULTIPROC_ENV):
+        # prometheus-client's multi-process mode: each worker writes its values under this directory.
+        metrics_dir = os.environ[metrics.MULTIPROC_ENV] = tempfile.mkdtemp(prefix="mnist-serving-metrics-")
     tracking_uri = resolve_tracking_uri()
     if Path(args.model_uri).exists():
         args.model_uri = str(Path(args.model_uri).resolve())
@@ -457,8 +406,12 @@ def main(argv: list[str] | None = None) -> None:
     check_registered(args.model_uri)
     print(f"serving {args.model_uri} (tracking {tracking_uri or 'unset'}) on http://{args.host}:{args.port}",
           file=sys.stderr)
-    uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="warning")
+    try:
+        uvicorn.run("mnist_lifecycle.serving:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level="warning")
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
