@@ -138,8 +138,16 @@ class RegisterParams:
     # name in the MLflow Model Registry
     model_name: str = rule(Rule("a name of letters, digits, '.', '_' or '-' (1 to 256, no '/' nor spaces)",
                                 lambda v: MODEL_NAME.fullmatch(v) is not None))
+    # The promotion gate's checks (promotion.py, docs/promotion.md), each a threshold:
     # test accuracy the challenger must gain to become champion: a difference of two probabilities
     min_improvement: float = rule(number(0, 1))
+    # significance of McNemar's exact test on the two models' disagreements (0 and 1 decide nothing)
+    alpha: float = rule(number(0, 1, low_open=True, high_open=True))
+    # largest drop in any digit's test recall the challenger may have against the champion
+    max_recall_drop: float = rule(number(0, 1))
+    # budgets: milliseconds per image (batches of 100, median) and the model directory's megabytes
+    max_latency_ms: float = rule(number(0, math.inf, low_open=True))
+    max_model_mb: float = rule(number(0, math.inf, low_open=True))
 
 
 PARAMS_CLASSES = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -39,6 +39,8 @@ class Decision:
     reason: str
     champion_version: str  # after the decision
     champion_model_dvc_md5: str
+    mcnemar_p_value: float | None = None  # None without a champion to compare with
+    checks: dict = field(default_factory=dict)  # promotion.GateResult.as_dict()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,35 +71,29 @@ def version_of(model_name: str, model_md5: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def accuracy_on(model_uri: str, images, labels) -> float:
-    """Accuracy of a registered or logged model on test images (torch is imported only here)."""
+def predictions_on(model_uri: str, images):
+    """(predicted digits, the loaded model) of a registered or logged model on images (torch is
+    imported only here); the model is returned so that the gate can time it."""
     import mlflow.pytorch
     import torch
 
     from .model import predict_probabilities
 
     loaded = mlflow.pytorch.load_model(model_uri)
-    predictions = predict_probabilities(loaded, torch.from_numpy(images)).argmax(1).numpy()
-    return float((predictions == labels).mean())
+    return predict_probabilities(loaded, torch.from_numpy(images)).argmax(1).numpy(), loaded
 
 
-def decide(challenger_accuracy: float, champion_accuracy: float | None, min_improvement: float):
-    """(promote?, why) — the challenger must beat the champion by more than min_improvement."""
-    if champion_accuracy is None:
-        return True, "no champion yet"
-    if challenger_accuracy > champion_accuracy + min_improvement:
-        return True, (f"challenger {challenger_accuracy:.4f} beats champion {champion_accuracy:.4f} "
-                      f"by more than {min_improvement}")
-    return False, (f"challenger {challenger_accuracy:.4f} does not beat champion "
-                   f"{champion_accuracy:.4f} by more than {min_improvement}")
+def accuracy_on(model_uri: str, images, labels) -> float:
+    """Accuracy of a registered or logged model on test images."""
+    return float((predictions_on(model_uri, images)[0] == labels).mean())
 
 
-def register_and_decide(model_name: str, trained: dict, challenger_accuracy: float, champion,
-                        champion_accuracy: float | None, min_improvement: float,
-                        tags: dict[str, str]) -> Decision:
-    """Register the trained model (or find its version), alias it `challenger`, maybe `champion`;
-    record all on the version. `trained` is data/model/model.json, `champion` the version before."""
+def register_and_decide(params, trained: dict, result, champion, tags: dict[str, str]) -> Decision:
+    """Register the trained model (or find its version), alias it `challenger`, and `champion` if
+    the gate's `result` (promotion.GateResult) passed; record all on the version. `params` is the
+    stage's RegisterParams, `trained` data/model/model.json, `champion` the version before."""
     client = MlflowClient()
+    model_name = params.model_name
     model_md5 = trained[MODEL_HASH_TAG]
     existing = version_of(model_name, model_md5)
     if existing is None:
@@ -110,21 +106,28 @@ def register_and_decide(model_name: str, trained: dict, challenger_accuracy: flo
     if champion is not None and str(champion.version) == version:
         promoted, reason = False, f"version {version} (the same model) is the champion already"
     else:
-        promoted, reason = decide(challenger_accuracy, champion_accuracy, min_improvement)
+        promoted, reason = result.promoted, result.reason
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     after = version if promoted else str(champion.version)
     decision = Decision(
-        model_name, version, model_md5, challenger_accuracy,
-        str(champion.version) if champion else None, champion_accuracy, promoted, reason,
+        model_name, version, model_md5, result.challenger_accuracy,
+        str(champion.version) if champion else None, result.champion_accuracy, promoted, reason,
         after, model_md5 if promoted else champion.tags.get(MODEL_HASH_TAG, ""),
+        mcnemar_p_value=result.value("alpha"), checks=result.as_dict(),
     )
-    for key, value in {
-        "test_accuracy": challenger_accuracy,
-        "champion_test_accuracy_before": champion_accuracy,
+    version_tags = {
+        "test_accuracy": result.challenger_accuracy,
+        "champion_test_accuracy_before": result.champion_accuracy,
         "promoted": promoted,
         "decision": reason,
-    }.items():
+        "mcnemar_p_value": decision.mcnemar_p_value,
+    }
+    # One tag per check: gate.<parameter> = passed|failed, gate.<parameter>.value = the measurement.
+    for name, check in decision.checks.items():
+        version_tags[f"gate.{name}"] = "passed" if check["passed"] else "failed"
+        version_tags[f"gate.{name}.value"] = check["value"]
+    for key, value in version_tags.items():
         client.set_model_version_tag(model_name, version, key, "none" if value is None else str(value))
     client.update_model_version(model_name, version, description=decision.description())
     return decision

@@ -1,0 +1,169 @@
+"""The promotion gate on real models trained here on real MNIST (small: thousands of images, one
+epoch, width 8), compared on the 10,000 real test images; then the register step in a real sqlite
+MLflow store, which records every check on the version and in the decision."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mnist_lifecycle import config, lineage, model, promotion, registry, training
+
+from .conftest import ROOT
+
+TRAIN_IMAGES = 6000
+WEAK_DIGIT = 3
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_source):
+    from mnist_lifecycle import data
+
+    return tuple(data.read_idx(mnist_source / f"{idx.name}.gz").copy() for idx in data.IDX_FILES)
+
+
+def train_model(mnist, seed: int, keep=None) -> model.ProbabilityModel:
+    """The smoke recipe on the first TRAIN_IMAGES training images (or those `keep` selects)."""
+    train_images, train_labels, _, _ = mnist
+    images, labels = train_images[:TRAIN_IMAGES], train_labels[:TRAIN_IMAGES]
+    if keep is not None:
+        images, labels = images[keep(labels)], labels[keep(labels)]
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    training.seed_everything(seed)
+    classifier = model.DigitClassifier(width=8)
+    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64, lr=0.1,
+                   weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=seed, progress=False)
+    return model.ProbabilityModel(classifier.eval())
+
+
+def predict(probability_model, images) -> np.ndarray:
+    return model.predict_probabilities(probability_model, torch.from_numpy(images)).argmax(1).numpy()
+
+
+@pytest.fixture(scope="module")
+def models(mnist):
+    """name -> (model, predicted digits on the test set): two seeds of one recipe, a clearly weaker
+    model (a tenth of the images), and one that saw only a few images of WEAK_DIGIT."""
+    trained = {
+        "seed0": train_model(mnist, 0),
+        "seed1": train_model(mnist, 1),
+        "weak": train_model(mnist, 0, keep=lambda labels: np.arange(len(labels)) < TRAIN_IMAGES // 10),
+        # All other digits, and WEAK_DIGIT's first 15 images only.
+        "few_threes": train_model(mnist, 0, keep=lambda labels: (labels != WEAK_DIGIT)
+                                  | (np.cumsum(labels == WEAK_DIGIT) <= 15)),
+    }
+    test_images = mnist[2]
+    return {name: (m, predict(m, test_images)) for name, m in trained.items()}
+
+
+def default_params(**changed):
+    values = yaml.safe_load((ROOT / "params" / "register.yaml").read_text())
+    return config.validate("register", {**values, **changed})
+
+
+def gate(mnist, models, challenger: str, champion: str | None, **changed):
+    labels = mnist[3]
+    return promotion.gate(default_params(**changed), labels, models[challenger][1],
+                          models[champion][1] if champion else None, challenger_latency_ms=0.05, challenger_mb=1.0)
+
+
+def check(result, name: str) -> promotion.Check:
+    return next(c for c in result.checks if c.name == name)
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_disagreements():
+    labels = np.zeros(100, dtype=np.int64)
+    challenger, champion = labels.copy(), labels.copy()
+    challenger[:3] = 1  # wrong where the champion is right
+    champion[10:20] = 1  # wrong where the challenger is right
+    only_challenger, only_champion, p_value = promotion.mcnemar(labels, challenger, champion)
+    assert (only_challenger, only_champion) == (10, 3)
+    assert p_value == pytest.approx(sum(__import__("math").comb(13, k) for k in range(10, 14)) / 2**13)
+    assert promotion.mcnemar(labels, labels, labels) == (0, 0, 1.0)
+
+
+def test_another_seed_of_the_same_recipe_is_noise_and_not_promoted(mnist, models):
+    result = gate(mnist, models, "seed1", "seed0")
+    p_value = check(result, "alpha").value
+    assert not check(result, "alpha").passed and p_value >= 0.05
+    assert not result.promoted and f"McNemar exact p = {p_value:.4g}" in result.reason
+    # The other way round is noise too: the champion does not flip back and forth.
+    assert not gate(mnist, models, "seed0", "seed1").promoted
+
+
+def test_a_clearly_better_model_is_promoted(mnist, models):
+    result = gate(mnist, models, "seed0", "weak")
+    assert result.promoted, result.reason
+    assert check(result, "alpha").value < 1e-6
+    assert result.challenger_accuracy > result.champion_accuracy
+
+
+def test_a_model_worse_on_one_digit_is_refused_naming_it(mnist, models):
+    labels = mnist[3]
+    recall = promotion.recall(labels, models["few_threes"][1])
+    assert recall[WEAK_DIGIT] < promotion.recall(labels, models["weak"][1])[WEAK_DIGIT] - 0.05
+    # Better overall than the weak model, but not at the digit it barely saw.
+    result = gate(mnist, models, "few_threes", "weak")
+    assert check(result, "alpha").passed
+    assert not check(result, "max_recall_drop").passed and not result.promoted
+    assert f"recall dropped by more than 0.01 for digit {WEAK_DIGIT} (" in result.reason
+    # A tolerance as large as the drop lets it through.
+    assert gate(mnist, models, "few_threes", "weak", max_recall_drop=1.0).promoted
+
+
+def test_budgets_refuse_a_slow_or_large_model(mnist, models):
+    labels = mnist[3]
+    params = default_params(max_latency_ms=0.01, max_model_mb=0.5)
+    result = promotion.gate(params, labels, models["seed0"][1], None, challenger_latency_ms=0.05, challenger_mb=1.0)
+    assert not result.promoted
+    assert "latency 0.0500 ms per image, budget 0.01 ms" in result.reason
+    assert "model size 1.00 MB, budget 0.5 MB" in result.reason
+    # The budgets are the only checks without a champion: the first registration is promoted.
+    first = gate(mnist, models, "seed0", None)
+    assert first.promoted and first.reason.startswith("no champion yet")
+    # Latency is measured, the same way for any model.
+    measured = promotion.latency_ms_per_image(models["seed0"][0], mnist[2])
+    assert 0 < measured < 100
+
+
+def test_register_records_every_check_on_the_version_and_in_the_decision(mnist, models, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("promotion-test")
+    client = MlflowClient()
+    params = default_params()
+    labels = mnist[3]
+    decisions = {}
+    for name in ("weak", "seed0", "seed1"):
+        with mlflow.start_run():
+            info = model.log_classifier(models[name][0], mnist[0][:5])
+        trained = {"model_uri": info.model_uri, lineage.MODEL_HASH_TAG: f"md5-of-{name}"}
+        champion = registry.current_champion(params.model_name)
+        champion_predictions = None
+        if champion:
+            champion_predictions, _ = registry.predictions_on(
+                f"models:/{params.model_name}/{champion.version}", mnist[2])
+        result = promotion.gate(params, labels, models[name][1], champion_predictions, 0.05, 1.0)
+        decisions[name] = registry.register_and_decide(params, trained, result, champion, tags={})
+    mlflow.set_tracking_uri(None)
+
+    assert [d.promoted for d in decisions.values()] == [True, True, False]
+    noise = decisions["seed1"]
+    assert noise.champion_version == "2" and noise.challenger_version == "3"
+    version = client.get_model_version(params.model_name, "3")
+    assert version.tags["promoted"] == "False"
+    assert version.tags["gate.alpha"] == "failed"
+    assert float(version.tags["mcnemar_p_value"]) == pytest.approx(noise.mcnemar_p_value) and noise.mcnemar_p_value >= 0.05
+    assert version.tags["gate.max_recall_drop.value"] == str(noise.checks["max_recall_drop"]["value"])
+    assert "McNemar exact p" in version.description
+    # decision.json's shape: the fields `registry check/sync` read, and the checks.
+    saved = json.loads(json.dumps(noise.as_dict()))
+    assert {"champion_version", "champion_model_dvc_md5", "challenger_version", "challenger_model_dvc_md5",
+            "promoted", "reason", "previous_champion_version", "mcnemar_p_value"} <= set(saved)
+    assert set(saved["checks"]) == {"min_improvement", "alpha", "max_recall_drop", "max_latency_ms", "max_model_mb"}
+    assert decisions["weak"].mcnemar_p_value is None and decisions["weak"].reason.startswith("no champion yet")
