@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_lifecycle import config, lineage, model, promotion, registry, training
 
-from .conftest import ROOT
+from .conftest import ROOT, run, set_params
 
 TRAIN_IMAGES = 6000
 WEAK_DIGIT = 3
@@ -167,3 +167,16 @@ def test_register_records_every_check_on_the_version_and_in_the_decision(mnist, 
             "promoted", "reason", "previous_champion_version", "mcnemar_p_value"} <= set(saved)
     assert set(saved["checks"]) == {"min_improvement", "alpha", "max_recall_drop", "max_latency_ms", "max_model_mb"}
     assert decisions["weak"].mcnemar_p_value is None and decisions["weak"].reason.startswith("no champion yet")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("alpha", 1.5, "params/register.yaml:alpha = 1.5: must be a finite number > 0 and < 1"),
+    ("max_recall_drop", -0.01, "params/register.yaml:max_recall_drop = -0.01: must be a finite number >= 0 and <= 1"),
+    ("max_latency_ms", "fast", "params/register.yaml:max_latency_ms = 'fast': must be float, got str"),
+])
+def test_a_bad_gate_parameter_stops_the_stage_before_anything_is_registered(project, name, value, message):
+    path, env = project
+    set_params(path, "register", **{name: value})
+    result = run(["python", "-m", "mnist_lifecycle.stage", "register"], path, env, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (path / "mlflow.db").exists()  # no kernel, no store opened, no alias moved
