@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import config, lineage, model, promotion, registry, training
+from mnist_lifecycle import aliases, config, lineage, model, promotion, registry, training
 
 from .conftest import ROOT, run, set_params
 
@@ -132,25 +132,32 @@ def test_budgets_refuse_a_slow_or_large_model(mnist, models):
     assert 0 < measured < 100
 
 
-def test_register_records_every_check_on_the_version_and_in_the_decision(mnist, models, tmp_path, monkeypatch):
+def register(mnist, models, name: str, params) -> registry.Decision:
+    """What 04_register does, on a model trained here: log it, predict with the champion, gate, register."""
+    with mlflow.start_run():
+        info = model.log_classifier(models[name][0], mnist[0][:5])
+    trained = {"model_uri": info.model_uri, lineage.MODEL_HASH_TAG: f"md5-of-{name}"}
+    champion = registry.current_champion(params.model_name)
+    champion_predictions = None
+    if champion:
+        champion_predictions, _ = registry.predictions_on(f"models:/{params.model_name}/{champion.version}", mnist[2])
+    result = promotion.gate(params, mnist[3], models[name][1], champion_predictions, 0.05, 1.0)
+    return registry.register_and_decide(params, trained, result, champion, tags={"registered_by_run_id": "r"})
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A real, empty sqlite MLflow store for this test."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("promotion-test")
-    client = MlflowClient()
-    params = default_params()
-    labels = mnist[3]
-    decisions = {}
-    for name in ("weak", "seed0", "seed1"):
-        with mlflow.start_run():
-            info = model.log_classifier(models[name][0], mnist[0][:5])
-        trained = {"model_uri": info.model_uri, lineage.MODEL_HASH_TAG: f"md5-of-{name}"}
-        champion = registry.current_champion(params.model_name)
-        champion_predictions = None
-        if champion:
-            champion_predictions, _ = registry.predictions_on(
-                f"models:/{params.model_name}/{champion.version}", mnist[2])
-        result = promotion.gate(params, labels, models[name][1], champion_predictions, 0.05, 1.0)
-        decisions[name] = registry.register_and_decide(params, trained, result, champion, tags={})
+    yield MlflowClient()
     mlflow.set_tracking_uri(None)
+
+
+def test_register_records_checks_and_rollback_restores_the_previous_champion(mnist, models, store, tmp_path,
+                                                                              monkeypatch, capsys):
+    client, params = store, default_params()
+    decisions = {name: register(mnist, models, name, params) for name in ("weak", "seed0", "seed1")}
 
     assert [d.promoted for d in decisions.values()] == [True, True, False]
     noise = decisions["seed1"]
@@ -167,6 +174,34 @@ def test_register_records_every_check_on_the_version_and_in_the_decision(mnist, 
             "promoted", "reason", "previous_champion_version", "mcnemar_p_value"} <= set(saved)
     assert set(saved["checks"]) == {"min_improvement", "alpha", "max_recall_drop", "max_latency_ms", "max_model_mb"}
     assert decisions["weak"].mcnemar_p_value is None and decisions["weak"].reason.startswith("no champion yet")
+
+    # Rollback through the documented command, in a project whose decision.json names the champion.
+    project = tmp_path / "project"
+    (project / "params").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    (project / "params" / "register.yaml").write_text((ROOT / "params" / "register.yaml").read_text())
+    decision_path = project / "data" / "registry" / "decision.json"
+    decision_path.parent.mkdir(parents=True)
+    decision_path.write_text(json.dumps(noise.as_dict()))
+    monkeypatch.setenv("MNIST_PROJECT_ROOT", str(project))
+    assert registry.main(["rollback", "--to", "99", "--reason", "typo"]) == 1
+    assert "mnist-digits has no version 99; mnist-digits@champion stays at version 2" in capsys.readouterr().err
+    assert registry.main(["rollback", "--reason", "wrong answers on scanned forms"]) == 0
+    assert str(registry.current_champion(params.model_name).version) == "1"
+    assert json.loads(decision_path.read_text())["champion_version"] == "1"
+    assert registry.main(["check"]) == 0  # registry and decision.json agree after the rollback
+
+    champion_moves = [(e["from_version"], e["to_version"], e["reason"]) for e in aliases.history(params.model_name)
+                      if e["alias"] == "champion"]
+    assert champion_moves[0][:2] == (None, "1") and champion_moves[1][:2] == ("1", "2")
+    assert champion_moves[2] == ("2", "1", "rollback: wrong answers on scanned forms")
+    assert all(e["by"] for e in aliases.history(params.model_name))
+    capsys.readouterr()
+    assert registry.main(["history"]) == 0
+    assert "@champion: 2 -> 1  by " in capsys.readouterr().out
+    # The rolled-back model, registered again, is not promoted again.
+    again = register(mnist, models, "seed0", params)
+    assert again.challenger_version == "2" and not again.promoted and "was rolled back" in again.reason
 
 
 @pytest.mark.parametrize("name, value, message", [

@@ -145,7 +145,7 @@ class RegisterParams:
     alpha: float = rule(number(0, 1, low_open=True, high_open=True))
     # largest drop in any digit's test recall the challenger may have against the champion
     max_recall_drop: float = rule(number(0, 1))
-    # budgets: milliseconds per image (batches of 100, median) and the model directory's megabytes
+    # budgets: milliseconds per image (the fastest of 10 batches of 100) and the model directory's megabytes
     max_latency_ms: float = rule(number(0, math.inf, low_open=True))
     max_model_mb: float = rule(number(0, math.inf, low_open=True))
 

@@ -21,6 +21,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import aliases
 from .lineage import MODEL_HASH_TAG, StoreMismatch, store_missing
 
 CHAMPION = "champion"
@@ -102,13 +103,17 @@ def register_and_decide(params, trained: dict, result, champion, tags: dict[str,
     else:
         version = existing.version
     version = str(version)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    by = f"register stage (run {tags.get('registered_by_run_id', 'none')})"
+    aliases.move(model_name, CHALLENGER, version, by, "the newest registered model")
+    rolled_back = client.get_model_version(model_name, version).tags.get(aliases.ROLLED_BACK_TAG)
     if champion is not None and str(champion.version) == version:
         promoted, reason = False, f"version {version} (the same model) is the champion already"
+    elif rolled_back:
+        promoted, reason = False, f"version {version} was rolled back ({rolled_back}); it is not promoted again"
     else:
         promoted, reason = result.promoted, result.reason
     if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
+        aliases.move(model_name, CHAMPION, version, by, reason)
     after = version if promoted else str(champion.version)
     decision = Decision(
         model_name, version, model_md5, result.challenger_accuracy,
@@ -169,7 +174,8 @@ def sync(decision: dict) -> list[str]:
         except MlflowException:
             current = None
         if str(current) != str(target.version):
-            client.set_registered_model_alias(name, alias, target.version)
+            aliases.move(name, alias, target.version, f"{aliases.who()} (registry sync)",
+                         "follow decision.json of the checkout")
             moved.append(f"{name}@{alias}: {current} -> {target.version}")
     return moved
 
@@ -214,11 +220,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mnist_lifecycle.registry",
                                      description="Compare the registry's aliases with data/registry/decision.json "
-                                                 "(check), or move them to it (sync).")
-    parser.add_argument("action", choices=["check", "sync"])
+                                                 "(check), move them to it (sync), move @champion back to the "
+                                                 "previous champion or --to a version (rollback), or list every "
+                                                 "alias move (history).")
+    parser.add_argument("action", choices=["check", "sync", "rollback", "history"])
+    parser.add_argument("--to", help="rollback: the version to make champion (default: the previous champion)")
+    parser.add_argument("--reason", default="", help="rollback: why (required; recorded in the history)")
     args = parser.parse_args(argv)
     root = config.project_root()
     path = Layout.of(root).decision
+    if args.action in ("rollback", "history"):
+        return rollback_or_history(root, path, args)
     if not path.is_file():
         print(f"no {path.relative_to(root)}: the register stage has not run (dvc repro, or dvc pull)")
         return 0 if args.action == "check" else 1
@@ -241,6 +253,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"registry in {tracking_uri} agrees with {path.relative_to(root)}: champion version "
           f"{decision['champion_version']}, challenger version {decision['challenger_version']}")
+    return 0
+
+
+def rollback_or_history(root, path, args) -> int:
+    from . import config, outputs
+
+    decision = json.loads(path.read_text()) if path.is_file() else {}
+    name = decision.get("model_name") or config.load(root, "register").model_name
+    tracking_uri = config.use_default_tracking_uri(root)
+    try:
+        if store_missing(tracking_uri):
+            raise StoreMismatch(f"the tracking store {tracking_uri} does not exist: nothing is registered in it")
+        if args.action == "history":
+            for entry in aliases.history(name):
+                print(f"{entry['time']}  @{entry['alias']}: {entry['from_version']} -> {entry['to_version']}  "
+                      f"by {entry['by']}: {entry['reason']}")
+            return 0
+        entry = aliases.rollback(name, CHAMPION, args.reason, args.to)
+    except (StoreMismatch, aliases.RollbackError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"moved {name}@{CHAMPION}: {entry['from_version']} -> {entry['to_version']} ({entry['reason']})")
+    if decision:
+        # The checkout follows the registry, so that `registry check` agrees after a rollback.
+        target = MlflowClient().get_model_version(name, entry["to_version"])
+        decision.update(champion_version=entry["to_version"], champion_model_dvc_md5=target.tags.get(MODEL_HASH_TAG, ""),
+                        rolled_back=entry)
+        outputs.write_text(path, json.dumps(decision, indent=2) + "\n")
+        print(f"{path.relative_to(root)} names version {entry['to_version']} as champion")
     return 0
 
 
