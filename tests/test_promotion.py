@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import aliases, config, lineage, model, promotion, registry, training
+from mnist_lifecycle import aliases, config, evaluation, lineage, model, model_card, promotion, registry, training
 
 from .conftest import ROOT, run, set_params
 
@@ -134,7 +134,8 @@ def test_budgets_refuse_a_slow_or_large_model(mnist, models):
 
 def register(mnist, models, name: str, params) -> registry.Decision:
     """What 04_register does, on a model trained here: log it, predict with the champion, gate, register."""
-    with mlflow.start_run():
+    with mlflow.start_run() as training_run:
+        mlflow.log_params({"width": 8, "epochs": 1, "train_images": TRAIN_IMAGES})
         info = model.log_classifier(models[name][0], mnist[0][:5])
     trained = {"model_uri": info.model_uri, lineage.MODEL_HASH_TAG: f"md5-of-{name}"}
     champion = registry.current_champion(params.model_name)
@@ -142,7 +143,13 @@ def register(mnist, models, name: str, params) -> registry.Decision:
     if champion:
         champion_predictions, _ = registry.predictions_on(f"models:/{params.model_name}/{champion.version}", mnist[2])
     result = promotion.gate(params, mnist[3], models[name][1], champion_predictions, 0.05, 1.0)
-    return registry.register_and_decide(params, trained, result, champion, tags={"registered_by_run_id": "r"})
+    with mlflow.start_run():
+        decision = registry.register_and_decide(params, trained, result, champion, tags={"registered_by_run_id": "r"})
+        evaluated = {"test": evaluation.classification_metrics(mnist[3], models[name][1])}
+        card = model_card.render(decision, evaluated, {"test": "0123456789abcdef0123"},
+                                 mlflow.get_run(training_run.info.run_id))
+        model_card.publish(decision, card)
+    return decision
 
 
 @pytest.fixture
@@ -167,7 +174,14 @@ def test_register_records_checks_and_rollback_restores_the_previous_champion(mni
     assert version.tags["gate.alpha"] == "failed"
     assert float(version.tags["mcnemar_p_value"]) == pytest.approx(noise.mcnemar_p_value) and noise.mcnemar_p_value >= 0.05
     assert version.tags["gate.max_recall_drop.value"] == str(noise.checks["max_recall_drop"]["value"])
-    assert "McNemar exact p" in version.description
+    # The model card is the version's description and an artifact the version names.
+    card = version.description
+    assert card.startswith(noise.description()) and "## Model card: mnist-digits version 3" in card
+    assert "| width | 8 |" in card and "| test | `0123456789abcdef` |" in card and "**Intended use.**" in card
+    recall_3 = evaluation.classification_metrics(mnist[3], models["seed1"][1])["recall"]["3"]
+    assert f"| 3 | " in card and f"{recall_3:.4f} |" in card
+    assert "| alpha | **failed** | McNemar exact p" in card
+    assert mlflow.artifacts.load_text(version.tags["model_card"]) == card
     # decision.json's shape: the fields `registry check/sync` read, and the checks.
     saved = json.loads(json.dumps(noise.as_dict()))
     assert {"champion_version", "champion_model_dvc_md5", "challenger_version", "challenger_model_dvc_md5",
