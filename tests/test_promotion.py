@@ -128,8 +128,8 @@ def test_budgets_refuse_a_slow_or_large_model(mnist, models):
     first = gate(mnist, models, "seed0", None)
     assert first.promoted and first.reason.startswith("no champion yet")
     # Latency is measured, the same way for any model.
-    measured = promotion.latency_ms_per_image(models["seed0"][0], mnist[2])
-    assert 0 < measured < 100
+    measured = promotion.latencies_ms_per_image({"a": models["seed0"][0], "b": models["seed1"][0]}, mnist[2])
+    assert set(measured) == {"a", "b"} and all(0 < ms < 100 for ms in measured.values())
 
 
 def register(mnist, models, name: str, params) -> registry.Decision:

@@ -84,22 +84,25 @@ def recall(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     return right / np.maximum(actual, 1)
 
 
-def latency_ms_per_image(loaded_model, images: np.ndarray) -> float:
-    """Milliseconds per image, the fastest of LATENCY_REPEATS batches of LATENCY_BATCH images after
-    a warm-up: measured the same way for every model the gate compares."""
+def latencies_ms_per_image(models: dict, images: np.ndarray) -> dict[str, float]:
+    """Milliseconds per image of each loaded model (name -> model), the fastest of LATENCY_REPEATS
+    batches of LATENCY_BATCH images after a warm-up. Measured the same way for every model, in
+    interleaved rounds, so that a burst of load on the shared cores slows all of them alike."""
     import torch
 
     from .model import predict_probabilities
 
     batch = torch.from_numpy(images[:LATENCY_BATCH].astype(np.float32))
-    for _ in range(2):  # warm-up: first-call allocations, kernel selection
-        predict_probabilities(loaded_model, batch)
-    timings = []
+    for loaded in models.values():
+        for _ in range(2):  # warm-up: first-call allocations, kernel selection
+            predict_probabilities(loaded, batch)
+    timings = {name: [] for name in models}
     for _ in range(LATENCY_REPEATS):
-        started = time.perf_counter()
-        predict_probabilities(loaded_model, batch)
-        timings.append(time.perf_counter() - started)
-    return float(min(timings) * 1000 / len(batch))
+        for name, loaded in models.items():
+            started = time.perf_counter()
+            predict_probabilities(loaded, batch)
+            timings[name].append(time.perf_counter() - started)
+    return {name: float(min(times) * 1000 / len(batch)) for name, times in timings.items()}
 
 
 def directory_mb(path: Path) -> float:
