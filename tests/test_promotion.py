@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_lifecycle import aliases, config, evaluation, lineage, model, model_card, promotion, registry, training
+from mnist_lifecycle import aliases, behaviour, config, evaluation, lineage, model, model_card, promotion, registry, training
 
 from .conftest import ROOT, run, set_params
 
@@ -48,8 +48,9 @@ def predict(probability_model, images) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def models(mnist):
-    """name -> (model, predicted digits on the test set): two seeds of one recipe, a clearly weaker
-    model (a tenth of the images), and one that saw only a few images of WEAK_DIGIT."""
+    """name -> (model, predicted digits on the test set, behavioural metrics): two seeds of one
+    recipe, a clearly weaker model (a tenth of the images), one that saw only a few images of
+    WEAK_DIGIT, and seed0 made overconfident (a temperature of 0.05: the same digits, sharper)."""
     trained = {
         "seed0": train_model(mnist, 0),
         "seed1": train_model(mnist, 1),
@@ -58,8 +59,14 @@ def models(mnist):
         "few_threes": train_model(mnist, 0, keep=lambda labels: (labels != WEAK_DIGIT)
                                   | (np.cumsum(labels == WEAK_DIGIT) <= 15)),
     }
+    trained["overconfident"] = model.ProbabilityModel(trained["seed0"].classifier, temperature=0.05).eval()
     test_images = mnist[2]
-    return {name: (m, predict(m, test_images)) for name, m in trained.items()}
+
+    def measured(probability_model):
+        return behaviour.measure(
+            lambda images: model.predict_probabilities(probability_model, torch.from_numpy(images)).numpy(), test_images)
+
+    return {name: (m, predict(m, test_images), measured(m)) for name, m in trained.items()}
 
 
 def default_params(**changed):
@@ -70,7 +77,8 @@ def default_params(**changed):
 def gate(mnist, models, challenger: str, champion: str | None, **changed):
     labels = mnist[3]
     return promotion.gate(default_params(**changed), labels, models[challenger][1],
-                          models[champion][1] if champion else None, challenger_latency_ms=0.05, challenger_mb=1.0)
+                          models[champion][1] if champion else None, challenger_latency_ms=0.05, challenger_mb=1.0,
+                          behaviour=models[challenger][2])
 
 
 def check(result, name: str) -> promotion.Check:
@@ -117,10 +125,34 @@ def test_a_model_worse_on_one_digit_is_refused_naming_it(mnist, models):
     assert gate(mnist, models, "few_threes", "weak", max_recall_drop=1.0).promoted
 
 
+BEHAVIOUR_CHECKS = {"min_shift_agreement", "min_rotation_agreement", "min_stroke_agreement", "max_blank_confidence",
+                    "max_inverted_confidence"}
+
+
+def test_a_model_that_fails_a_behavioural_check_is_refused(mnist, models):
+    # Real models of the smoke recipe pass every behavioural check at the defaults...
+    for name in ("seed0", "seed1"):
+        assert all(check(gate(mnist, models, name, None), c).passed for c in BEHAVIOUR_CHECKS), models[name][2]
+    # ... the overconfident one is sure of a digit on a blank and on inverted images: refused, even
+    # against a weak champion it beats on every image-level check.
+    confident = models["overconfident"][2]
+    assert confident["blank_confidence"] > 0.95 and confident["inverted_confidence"] > 0.8
+    result = gate(mnist, models, "overconfident", "weak")
+    assert check(result, "alpha").passed and not result.promoted
+    assert f"blank_confidence {confident['blank_confidence']:.4f} (at most 0.95)" in result.reason
+    assert "inverted_confidence" in result.reason and not check(result, "max_inverted_confidence").passed
+    # Its predicted digits are seed0's: the agreements are the same, and pass.
+    assert all(check(result, c).passed for c in ("min_shift_agreement", "min_rotation_agreement", "min_stroke_agreement"))
+    # Not measured (an evaluate stage before behaviour existed): refused, saying so.
+    unmeasured = promotion.gate(default_params(), mnist[3], models["seed0"][1], None, 0.05, 1.0, behaviour=None)
+    assert not unmeasured.promoted and "shift_agreement was not measured (run 03_evaluate)" in unmeasured.reason
+
+
 def test_budgets_refuse_a_slow_or_large_model(mnist, models):
     labels = mnist[3]
     params = default_params(max_latency_ms=0.01, max_model_mb=0.5)
-    result = promotion.gate(params, labels, models["seed0"][1], None, challenger_latency_ms=0.05, challenger_mb=1.0)
+    result = promotion.gate(params, labels, models["seed0"][1], None, challenger_latency_ms=0.05, challenger_mb=1.0,
+                            behaviour=models["seed0"][2])
     assert not result.promoted
     assert "latency 0.0500 ms per image, budget 0.01 ms" in result.reason
     assert "model size 1.00 MB, budget 0.5 MB" in result.reason
@@ -142,10 +174,10 @@ def register(mnist, models, name: str, params) -> registry.Decision:
     champion_predictions = None
     if champion:
         champion_predictions, _ = registry.predictions_on(f"models:/{params.model_name}/{champion.version}", mnist[2])
-    result = promotion.gate(params, mnist[3], models[name][1], champion_predictions, 0.05, 1.0)
+    result = promotion.gate(params, mnist[3], models[name][1], champion_predictions, 0.05, 1.0, models[name][2])
     with mlflow.start_run():
         decision = registry.register_and_decide(params, trained, result, champion, tags={"registered_by_run_id": "r"})
-        evaluated = {"test": evaluation.classification_metrics(mnist[3], models[name][1])}
+        evaluated = {"test": evaluation.classification_metrics(mnist[3], models[name][1]), "behaviour": models[name][2]}
         card = model_card.render(decision, evaluated, {"test": "0123456789abcdef0123"},
                                  mlflow.get_run(training_run.info.run_id))
         model_card.publish(decision, card)
@@ -164,7 +196,10 @@ def store(tmp_path, monkeypatch):
 def test_register_records_checks_and_rollback_restores_the_previous_champion(mnist, models, store, tmp_path,
                                                                               monkeypatch, capsys):
     client, params = store, default_params()
-    decisions = {name: register(mnist, models, name, params) for name in ("weak", "seed0", "seed1")}
+    # The weak model (a tenth of the images) is not robust to shifts: a first registration it can pass.
+    first = default_params(min_shift_agreement=0.0, min_rotation_agreement=0.0, min_stroke_agreement=0.0)
+    decisions = {name: register(mnist, models, name, first if name == "weak" else params)
+                 for name in ("weak", "seed0", "seed1")}
 
     assert [d.promoted for d in decisions.values()] == [True, True, False]
     noise = decisions["seed1"]
@@ -186,7 +221,9 @@ def test_register_records_checks_and_rollback_restores_the_previous_champion(mni
     saved = json.loads(json.dumps(noise.as_dict()))
     assert {"champion_version", "champion_model_dvc_md5", "challenger_version", "challenger_model_dvc_md5",
             "promoted", "reason", "previous_champion_version", "mcnemar_p_value"} <= set(saved)
-    assert set(saved["checks"]) == {"min_improvement", "alpha", "max_recall_drop", "max_latency_ms", "max_model_mb"}
+    assert set(saved["checks"]) == {"min_improvement", "alpha", "max_recall_drop", "max_latency_ms", "max_model_mb",
+                                    *BEHAVIOUR_CHECKS}
+    assert "| shift_agreement | " in card
     assert decisions["weak"].mcnemar_p_value is None and decisions["weak"].reason.startswith("no champion yet")
 
     # Rollback through the documented command, in a project whose decision.json names the champion.
@@ -216,6 +253,15 @@ def test_register_records_checks_and_rollback_restores_the_previous_champion(mni
     # The rolled-back model, registered again, is not promoted again.
     again = register(mnist, models, "seed0", params)
     assert again.challenger_version == "2" and not again.promoted and "was rolled back" in again.reason
+
+
+def test_a_refused_first_model_leaves_no_champion(mnist, models, store):
+    params = default_params()
+    decision = register(mnist, models, "weak", params)
+    assert not decision.promoted and decision.reason.startswith("refused: ")
+    assert decision.champion_version is None and registry.current_champion(params.model_name) is None
+    assert registry.disagreements(decision.as_dict()) == []  # `registry check` agrees: no champion, as decided
+    assert str(store.get_model_version_by_alias(params.model_name, "challenger").version) == "1"
 
 
 @pytest.mark.parametrize("name, value, message", [

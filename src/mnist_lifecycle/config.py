@@ -148,6 +148,14 @@ class RegisterParams:
     # budgets: milliseconds per image (the fastest of 10 batches of 100) and the model directory's megabytes
     max_latency_ms: float = rule(number(0, math.inf, low_open=True))
     max_model_mb: float = rule(number(0, math.inf, low_open=True))
+    # behaviour (behaviour.py, measured by evaluate): fractions of test images whose predicted digit
+    # survives 1-2 pixel shifts, +-10 degree rotations, thicker/thinner strokes; mean top probability
+    # on a blank image and on inverted images
+    min_shift_agreement: float = rule(number(0, 1))
+    min_rotation_agreement: float = rule(number(0, 1))
+    min_stroke_agreement: float = rule(number(0, 1))
+    max_blank_confidence: float = rule(number(0, 1))
+    max_inverted_confidence: float = rule(number(0, 1))
 
 
 PARAMS_CLASSES = {

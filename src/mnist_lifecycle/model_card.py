@@ -44,11 +44,14 @@ def render(decision, evaluated: dict, data_digests: dict[str, str], training_run
                  [[digit, f"{test['precision'][digit]:.4f}", f"{test['recall'][digit]:.4f}"] for digit in test["recall"]]),
     ]
     if "calibration" in evaluated:
-        parts.append("### Calibration\n\n" + _table(["measure", "value"], sorted(evaluated["calibration"].items())))
+        parts.append("### Calibration\n\nExpected calibration error on the test set without (`ece_before`) and with "
+                     "the temperature folded into the model (`ece`).\n\n"
+                     + _table(["measure", "value"], [[k, f"{v:.4f}"] for k, v in evaluated["calibration"].items()]))
     if "behaviour" in evaluated:
-        parts.append("### Behavioural checks\n\n" + _table(
-            ["check", "value", "threshold", "passed"],
-            [[name, f"{c['value']:.4f}", c["threshold"], c["passed"]] for name, c in evaluated["behaviour"].items()]))
+        parts.append("### Behaviour\n\nOn the first 2,000 test images: predictions kept under 1-2 pixel shifts, "
+                     "+-10 degree rotations, thicker/thinner strokes; top probability on a blank image and on "
+                     "inverted images (thresholds: the gate below).\n\n"
+                     + _table(["metric", "value"], [[name, f"{value:.4f}"] for name, value in evaluated["behaviour"].items()]))
     gate_rows = [[name, "passed" if c["passed"] else "**failed**", c["detail"]] for name, c in decision.checks.items()]
     parts.append(f"### Promotion gate\n\n{'Promoted' if decision.promoted else 'Not promoted'}: {decision.reason}.\n\n"
                  + _table(["check (parameter)", "result", "detail"], gate_rows))

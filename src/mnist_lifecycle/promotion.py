@@ -4,7 +4,8 @@ named after its parameter in params/register.yaml (docs/promotion.md).
 Both models are compared on the same test images: an exact McNemar test on the images where
 exactly one of them is right (promote only if the challenger is better at significance `alpha`),
 no digit's recall may drop by more than `max_recall_drop`, and budgets of latency per image and
-size. The first registration (no champion) is checked against the budgets only.
+size, and the behavioural checks of behaviour.py. The first registration (no champion) is checked
+against the budgets and behaviour only.
 """
 
 from __future__ import annotations
@@ -109,12 +110,31 @@ def directory_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
 
 
+def behaviour_checks(params, behaviour: dict[str, float] | None) -> list[Check]:
+    """The challenger's behavioural metrics (behaviour.measure, from evaluate) against the
+    thresholds `min_<metric>` / `max_<metric>` of params; all fail if they were not measured."""
+    checks = []
+    for metric in ("shift_agreement", "rotation_agreement", "stroke_agreement", "blank_confidence",
+                   "inverted_confidence"):
+        bound = "min" if metric.endswith("agreement") else "max"
+        name, threshold = f"{bound}_{metric}", getattr(params, f"{bound}_{metric}")
+        value = (behaviour or {}).get(metric)
+        if value is None:
+            checks.append(Check(name, False, None, threshold, f"{metric} was not measured (run 03_evaluate)"))
+            continue
+        passed = value >= threshold if bound == "min" else value <= threshold
+        checks.append(Check(name, passed, value, threshold,
+                            f"{metric} {value:.4f} ({'at least' if bound == 'min' else 'at most'} {threshold})"))
+    return checks
+
+
 def gate(params, labels: np.ndarray, challenger: np.ndarray, champion: np.ndarray | None,
-         challenger_latency_ms: float, challenger_mb: float,
+         challenger_latency_ms: float, challenger_mb: float, behaviour: dict[str, float] | None,
          champion_latency_ms: float | None = None) -> GateResult:
     """Every check of the gate; `params` is the register stage's RegisterParams, `challenger` and
     `champion` the two models' predicted digits on the test images `labels` (champion None when
-    there is none), latency in milliseconds per image, size in MB."""
+    there is none), latency in milliseconds per image, size in MB, `behaviour` the challenger's
+    behavioural metrics."""
     challenger_accuracy = float((challenger == labels).mean())
     checks = []
     champion_accuracy = None
@@ -141,4 +161,5 @@ def gate(params, labels: np.ndarray, challenger: np.ndarray, champion: np.ndarra
                         f"budget {params.max_latency_ms} ms"))
     checks.append(Check("max_model_mb", challenger_mb <= params.max_model_mb, challenger_mb, params.max_model_mb,
                         f"model size {challenger_mb:.2f} MB, budget {params.max_model_mb} MB"))
+    checks += behaviour_checks(params, behaviour)
     return GateResult(tuple(checks), champion_accuracy, challenger_accuracy)

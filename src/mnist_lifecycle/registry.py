@@ -38,8 +38,8 @@ class Decision:
     previous_champion_test_accuracy: float | None
     promoted: bool
     reason: str
-    champion_version: str  # after the decision
-    champion_model_dvc_md5: str
+    champion_version: str | None  # after the decision; None if a first model was refused
+    champion_model_dvc_md5: str | None
     mcnemar_p_value: float | None = None  # None without a champion to compare with
     checks: dict = field(default_factory=dict)  # promotion.GateResult.as_dict()
 
@@ -114,11 +114,12 @@ def register_and_decide(params, trained: dict, result, champion, tags: dict[str,
         promoted, reason = result.promoted, result.reason
     if promoted:
         aliases.move(model_name, CHAMPION, version, by, reason)
-    after = version if promoted else str(champion.version)
+    # A refused first registration leaves no champion: None in decision.json.
+    after = version if promoted else (str(champion.version) if champion else None)
     decision = Decision(
         model_name, version, model_md5, result.challenger_accuracy,
         str(champion.version) if champion else None, result.champion_accuracy, promoted, reason,
-        after, model_md5 if promoted else champion.tags.get(MODEL_HASH_TAG, ""),
+        after, model_md5 if promoted else (champion.tags.get(MODEL_HASH_TAG, "") if champion else None),
         mcnemar_p_value=result.value("alpha"), checks=result.as_dict(),
     )
     version_tags = {
@@ -139,8 +140,10 @@ def register_and_decide(params, trained: dict, result, champion, tags: dict[str,
 
 
 def _alias_targets(decision: dict) -> dict[str, tuple[str, str]]:
-    return {CHAMPION: (decision["champion_version"], decision["champion_model_dvc_md5"]),
-            CHALLENGER: (decision["challenger_version"], decision["challenger_model_dvc_md5"])}
+    """alias -> (version, model hash) that decision.json names; no champion if none was promoted."""
+    targets = {CHAMPION: (decision["champion_version"], decision["champion_model_dvc_md5"]),
+               CHALLENGER: (decision["challenger_version"], decision["challenger_model_dvc_md5"])}
+    return {alias: target for alias, target in targets.items() if target[0] is not None}
 
 
 def disagreements(decision: dict) -> list[str]:
@@ -206,7 +209,7 @@ def check_served(model_uri: str, decision_path=None) -> list[str]:
     decision = json.loads(decision_path.read_text())
     if decision.get("model_name") != name or alias not in (CHAMPION, CHALLENGER):
         return []
-    _, model_md5 = _alias_targets(decision)[alias]
+    _, model_md5 = _alias_targets(decision).get(alias, (None, None))
     if served.tags.get(MODEL_HASH_TAG) == model_md5:
         return []
     return [f"{model_uri} is version {served.version} ({served.tags.get(MODEL_HASH_TAG)}), but "
