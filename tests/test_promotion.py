@@ -253,6 +253,10 @@ def test_register_records_checks_and_rollback_restores_the_previous_champion(mni
     # The rolled-back model, registered again, is not promoted again.
     again = register(mnist, models, "seed0", params)
     assert again.challenger_version == "2" and not again.promoted and "was rolled back" in again.reason
+    # Rolled back to by name, it is trusted again.
+    assert registry.main(["rollback", "--to", "2", "--reason", "the forms were mislabelled"]) == 0
+    assert "rolled_back" not in client.get_model_version(params.model_name, "2").tags
+    assert "rolled_back" in client.get_model_version(params.model_name, "1").tags
 
 
 def test_a_refused_first_model_leaves_no_champion(mnist, models, store):

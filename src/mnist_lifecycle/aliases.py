@@ -79,4 +79,7 @@ def rollback(model_name: str, alias: str, reason: str, to_version: str | None = 
         raise RollbackError(f"{model_name}@{alias} is version {to_version} already")
     if before is not None:
         client.set_model_version_tag(model_name, before, ROLLED_BACK_TAG, f"{entry['time']}: {reason}")
+    # Rolled back to on purpose: a version restored by hand is trusted again.
+    if ROLLED_BACK_TAG in client.get_model_version(model_name, str(to_version)).tags:
+        client.delete_model_version_tag(model_name, str(to_version), ROLLED_BACK_TAG)
     return entry
