@@ -86,6 +86,13 @@ RULES = [
      "a name of letters, digits, '.', '_' or '-'"),
     ("register", "min_improvement", [-0.01, 1.5, float("nan")], [0.0, 0.005, 1.0],
      "a finite number >= 0 and <= 1"),
+    ("register", "alpha", [0.0, 1.0, -0.1, float("nan")], [0.001, 0.05, 0.999], "a finite number > 0 and < 1"),
+    ("register", "max_recall_drop", [-0.01, 1.5, float("inf")], [0.0, 0.01, 1.0], "a finite number >= 0 and <= 1"),
+    ("register", "max_latency_ms", [0.0, -1.0, float("inf")], [0.01, 2.0, 1e4], "a finite number > 0"),
+    ("register", "max_model_mb", [0.0, -5.0, float("nan")], [0.1, 50.0], "a finite number > 0"),
+    *[("register", name, [-0.1, 1.01, float("nan")], [0.0, 0.9, 1.0], "a finite number >= 0 and <= 1")
+      for name in ("min_shift_agreement", "min_rotation_agreement", "min_stroke_agreement", "max_blank_confidence",
+                   "max_inverted_confidence")],
 ]
 
 

@@ -65,7 +65,7 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
         html = Path(client.download_artifacts(stage_run.info.run_id, f"notebook/{config.NOTEBOOKS[stage]}.html",
                                               str(path.parent / "html")))
         assert html.read_text().count("data:image/png;base64,") >= len(figure_cells)
-    assert figures == 4  # samples, learning curves, confusion matrix, misclassified digits
+    assert figures == 6  # samples, learning curves, reliability, behaviour, confusion matrix, misclassified digits
     assert train_run.info.run_name.startswith("train · pipeline · epochs=1 lr=0.1 width=8 max_train_samples=3000 · ")
     assert int(train_run.data.params["epochs"]) == 1
     assert "val_accuracy" in train_run.data.metrics
@@ -82,7 +82,10 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
     assert champion.description.startswith(f"mnist-digits version {champion.version} (test accuracy ")
     assert "promoted to `@champion`" in champion.description and "Champion before: none" in champion.description
     register_run = stage_runs(client, "register")[0]
-    assert register_run.data.tags["mlflow.note.content"].startswith(f"**Result:** {champion.description}\n\n")
+    # The version's description goes on with its model card.
+    sentence, _, card = champion.description.partition("\n\n")
+    assert card.startswith(f"## Model card: mnist-digits version {champion.version}")
+    assert register_run.data.tags["mlflow.note.content"].startswith(f"**Result:** {sentence}\n\n")
 
     # The README's serving command on the champion: for 1,000 real test images, one request each,
     # it answers the digits the evaluate stage predicted, hence the same accuracy.

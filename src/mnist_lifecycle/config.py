@@ -138,8 +138,24 @@ class RegisterParams:
     # name in the MLflow Model Registry
     model_name: str = rule(Rule("a name of letters, digits, '.', '_' or '-' (1 to 256, no '/' nor spaces)",
                                 lambda v: MODEL_NAME.fullmatch(v) is not None))
+    # The promotion gate's checks (promotion.py, docs/promotion.md), each a threshold:
     # test accuracy the challenger must gain to become champion: a difference of two probabilities
     min_improvement: float = rule(number(0, 1))
+    # significance of McNemar's exact test on the two models' disagreements (0 and 1 decide nothing)
+    alpha: float = rule(number(0, 1, low_open=True, high_open=True))
+    # largest drop in any digit's test recall the challenger may have against the champion
+    max_recall_drop: float = rule(number(0, 1))
+    # budgets: milliseconds per image (the fastest of 10 batches of 100) and the model directory's megabytes
+    max_latency_ms: float = rule(number(0, math.inf, low_open=True))
+    max_model_mb: float = rule(number(0, math.inf, low_open=True))
+    # behaviour (behaviour.py, measured by evaluate): fractions of test images whose predicted digit
+    # survives 1-2 pixel shifts, +-10 degree rotations, thicker/thinner strokes; mean top probability
+    # on a blank image and on inverted images
+    min_shift_agreement: float = rule(number(0, 1))
+    min_rotation_agreement: float = rule(number(0, 1))
+    min_stroke_agreement: float = rule(number(0, 1))
+    max_blank_confidence: float = rule(number(0, 1))
+    max_inverted_confidence: float = rule(number(0, 1))
 
 
 PARAMS_CLASSES = {

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from . import calibration
 from .data import NUM_CLASSES
 from .outputs import atomic_path
 
@@ -140,5 +141,23 @@ def confusion_figure(counts: np.ndarray) -> Figure:
                           color="white" if dark else "black")
     axis.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted",
              ylabel="actual", title="Confusion matrix (test set)")
+    figure.tight_layout()
+    return _unmanaged(figure)
+
+
+def reliability_figure(curves: dict[str, np.ndarray], labels: np.ndarray) -> Figure:
+    """Accuracy against confidence per bin, one line per set of probabilities (e.g. before and
+    after the temperature); the diagonal is perfect calibration."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], "k:", label="calibrated")
+    for name, probabilities in curves.items():
+        count, mean_confidence, accuracy = calibration.confidence_bins(probabilities, labels)
+        used = count > 0
+        ece = calibration.expected_calibration_error(probabilities, labels)
+        axis.plot(mean_confidence[used], accuracy[used], "o-", label=f"{name} (ECE {ece:.4f})")
+    axis.set(xlabel="confidence (top probability)", ylabel="accuracy", title="Reliability (test set)",
+             xlim=(0, 1), ylim=(0, 1))
+    axis.grid(alpha=0.3)
+    axis.legend()
     figure.tight_layout()
     return _unmanaged(figure)

@@ -78,14 +78,19 @@ class DigitClassifier(nn.Module):
 
 
 class ProbabilityModel(nn.Module):
-    """What gets logged and served: grey levels in, class probabilities (N x 10) out."""
+    """What gets logged and served: grey levels in, class probabilities (N x 10) out.
 
-    def __init__(self, classifier: DigitClassifier):
+    The logits are divided by a temperature fitted on the validation split (calibration.py), so
+    that the served probabilities are calibrated; it is a buffer, exported with the weights.
+    """
+
+    def __init__(self, classifier: DigitClassifier, temperature: float = 1.0):
         super().__init__()
         self.classifier = classifier
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.classifier(pixels), dim=1)
+        return torch.softmax(self.classifier(pixels) / self.temperature, dim=1)
 
 
 @torch.no_grad()
@@ -140,4 +145,6 @@ def log_classifier(model: ProbabilityModel, example_images: np.ndarray):
         signature=model_signature(),
         input_example=example_images.astype(np.float32),
         pip_requirements=model_requirements(),
+        # In MLmodel too, where evaluation reads it without loading the model.
+        metadata={"temperature": float(model.temperature)},
     )

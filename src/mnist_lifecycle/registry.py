@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import aliases
 from .lineage import MODEL_HASH_TAG, StoreMismatch, store_missing
 
 CHAMPION = "champion"
@@ -37,8 +38,10 @@ class Decision:
     previous_champion_test_accuracy: float | None
     promoted: bool
     reason: str
-    champion_version: str  # after the decision
-    champion_model_dvc_md5: str
+    champion_version: str | None  # after the decision; None if a first model was refused
+    champion_model_dvc_md5: str | None
+    mcnemar_p_value: float | None = None  # None without a champion to compare with
+    checks: dict = field(default_factory=dict)  # promotion.GateResult.as_dict()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -69,35 +72,29 @@ def version_of(model_name: str, model_md5: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def accuracy_on(model_uri: str, images, labels) -> float:
-    """Accuracy of a registered or logged model on test images (torch is imported only here)."""
+def predictions_on(model_uri: str, images):
+    """(predicted digits, the loaded model) of a registered or logged model on images (torch is
+    imported only here); the model is returned so that the gate can time it."""
     import mlflow.pytorch
     import torch
 
     from .model import predict_probabilities
 
     loaded = mlflow.pytorch.load_model(model_uri)
-    predictions = predict_probabilities(loaded, torch.from_numpy(images)).argmax(1).numpy()
-    return float((predictions == labels).mean())
+    return predict_probabilities(loaded, torch.from_numpy(images)).argmax(1).numpy(), loaded
 
 
-def decide(challenger_accuracy: float, champion_accuracy: float | None, min_improvement: float):
-    """(promote?, why) — the challenger must beat the champion by more than min_improvement."""
-    if champion_accuracy is None:
-        return True, "no champion yet"
-    if challenger_accuracy > champion_accuracy + min_improvement:
-        return True, (f"challenger {challenger_accuracy:.4f} beats champion {champion_accuracy:.4f} "
-                      f"by more than {min_improvement}")
-    return False, (f"challenger {challenger_accuracy:.4f} does not beat champion "
-                   f"{champion_accuracy:.4f} by more than {min_improvement}")
+def accuracy_on(model_uri: str, images, labels) -> float:
+    """Accuracy of a registered or logged model on test images."""
+    return float((predictions_on(model_uri, images)[0] == labels).mean())
 
 
-def register_and_decide(model_name: str, trained: dict, challenger_accuracy: float, champion,
-                        champion_accuracy: float | None, min_improvement: float,
-                        tags: dict[str, str]) -> Decision:
-    """Register the trained model (or find its version), alias it `challenger`, maybe `champion`;
-    record all on the version. `trained` is data/model/model.json, `champion` the version before."""
+def register_and_decide(params, trained: dict, result, champion, tags: dict[str, str]) -> Decision:
+    """Register the trained model (or find its version), alias it `challenger`, and `champion` if
+    the gate's `result` (promotion.GateResult) passed; record all on the version. `params` is the
+    stage's RegisterParams, `trained` data/model/model.json, `champion` the version before."""
     client = MlflowClient()
+    model_name = params.model_name
     model_md5 = trained[MODEL_HASH_TAG]
     existing = version_of(model_name, model_md5)
     if existing is None:
@@ -106,33 +103,47 @@ def register_and_decide(model_name: str, trained: dict, challenger_accuracy: flo
     else:
         version = existing.version
     version = str(version)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    by = f"register stage (run {tags.get('registered_by_run_id', 'none')})"
+    aliases.move(model_name, CHALLENGER, version, by, "the newest registered model")
+    rolled_back = client.get_model_version(model_name, version).tags.get(aliases.ROLLED_BACK_TAG)
     if champion is not None and str(champion.version) == version:
         promoted, reason = False, f"version {version} (the same model) is the champion already"
+    elif rolled_back:
+        promoted, reason = False, f"version {version} was rolled back ({rolled_back}); it is not promoted again"
     else:
-        promoted, reason = decide(challenger_accuracy, champion_accuracy, min_improvement)
+        promoted, reason = result.promoted, result.reason
     if promoted:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
-    after = version if promoted else str(champion.version)
+        aliases.move(model_name, CHAMPION, version, by, reason)
+    # A refused first registration leaves no champion: None in decision.json.
+    after = version if promoted else (str(champion.version) if champion else None)
     decision = Decision(
-        model_name, version, model_md5, challenger_accuracy,
-        str(champion.version) if champion else None, champion_accuracy, promoted, reason,
-        after, model_md5 if promoted else champion.tags.get(MODEL_HASH_TAG, ""),
+        model_name, version, model_md5, result.challenger_accuracy,
+        str(champion.version) if champion else None, result.champion_accuracy, promoted, reason,
+        after, model_md5 if promoted else (champion.tags.get(MODEL_HASH_TAG, "") if champion else None),
+        mcnemar_p_value=result.value("alpha"), checks=result.as_dict(),
     )
-    for key, value in {
-        "test_accuracy": challenger_accuracy,
-        "champion_test_accuracy_before": champion_accuracy,
+    version_tags = {
+        "test_accuracy": result.challenger_accuracy,
+        "champion_test_accuracy_before": result.champion_accuracy,
         "promoted": promoted,
         "decision": reason,
-    }.items():
+        "mcnemar_p_value": decision.mcnemar_p_value,
+    }
+    # One tag per check: gate.<parameter> = passed|failed, gate.<parameter>.value = the measurement.
+    for name, check in decision.checks.items():
+        version_tags[f"gate.{name}"] = "passed" if check["passed"] else "failed"
+        version_tags[f"gate.{name}.value"] = check["value"]
+    for key, value in version_tags.items():
         client.set_model_version_tag(model_name, version, key, "none" if value is None else str(value))
     client.update_model_version(model_name, version, description=decision.description())
     return decision
 
 
 def _alias_targets(decision: dict) -> dict[str, tuple[str, str]]:
-    return {CHAMPION: (decision["champion_version"], decision["champion_model_dvc_md5"]),
-            CHALLENGER: (decision["challenger_version"], decision["challenger_model_dvc_md5"])}
+    """alias -> (version, model hash) that decision.json names; no champion if none was promoted."""
+    targets = {CHAMPION: (decision["champion_version"], decision["champion_model_dvc_md5"]),
+               CHALLENGER: (decision["challenger_version"], decision["challenger_model_dvc_md5"])}
+    return {alias: target for alias, target in targets.items() if target[0] is not None}
 
 
 def disagreements(decision: dict) -> list[str]:
@@ -166,7 +177,8 @@ def sync(decision: dict) -> list[str]:
         except MlflowException:
             current = None
         if str(current) != str(target.version):
-            client.set_registered_model_alias(name, alias, target.version)
+            aliases.move(name, alias, target.version, f"{aliases.who()} (registry sync)",
+                         "follow decision.json of the checkout")
             moved.append(f"{name}@{alias}: {current} -> {target.version}")
     return moved
 
@@ -197,7 +209,7 @@ def check_served(model_uri: str, decision_path=None) -> list[str]:
     decision = json.loads(decision_path.read_text())
     if decision.get("model_name") != name or alias not in (CHAMPION, CHALLENGER):
         return []
-    _, model_md5 = _alias_targets(decision)[alias]
+    _, model_md5 = _alias_targets(decision).get(alias, (None, None))
     if served.tags.get(MODEL_HASH_TAG) == model_md5:
         return []
     return [f"{model_uri} is version {served.version} ({served.tags.get(MODEL_HASH_TAG)}), but "
@@ -211,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mnist_lifecycle.registry",
                                      description="Compare the registry's aliases with data/registry/decision.json "
-                                                 "(check), or move them to it (sync).")
-    parser.add_argument("action", choices=["check", "sync"])
+                                                 "(check), move them to it (sync), move @champion back to the "
+                                                 "previous champion or --to a version (rollback), or list every "
+                                                 "alias move (history).")
+    parser.add_argument("action", choices=["check", "sync", "rollback", "history"])
+    parser.add_argument("--to", help="rollback: the version to make champion (default: the previous champion)")
+    parser.add_argument("--reason", default="", help="rollback: why (required; recorded in the history)")
     args = parser.parse_args(argv)
     root = config.project_root()
     path = Layout.of(root).decision
+    if args.action in ("rollback", "history"):
+        return rollback_or_history(root, path, args)
     if not path.is_file():
         print(f"no {path.relative_to(root)}: the register stage has not run (dvc repro, or dvc pull)")
         return 0 if args.action == "check" else 1
@@ -238,6 +256,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"registry in {tracking_uri} agrees with {path.relative_to(root)}: champion version "
           f"{decision['champion_version']}, challenger version {decision['challenger_version']}")
+    return 0
+
+
+def rollback_or_history(root, path, args) -> int:
+    from . import config, outputs
+
+    decision = json.loads(path.read_text()) if path.is_file() else {}
+    name = decision.get("model_name") or config.load(root, "register").model_name
+    tracking_uri = config.use_default_tracking_uri(root)
+    try:
+        if store_missing(tracking_uri):
+            raise StoreMismatch(f"the tracking store {tracking_uri} does not exist: nothing is registered in it")
+        if args.action == "history":
+            for entry in aliases.history(name):
+                print(f"{entry['time']}  @{entry['alias']}: {entry['from_version']} -> {entry['to_version']}  "
+                      f"by {entry['by']}: {entry['reason']}")
+            return 0
+        entry = aliases.rollback(name, CHAMPION, args.reason, args.to)
+    except (StoreMismatch, aliases.RollbackError, MlflowException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"moved {name}@{CHAMPION}: {entry['from_version']} -> {entry['to_version']} ({entry['reason']})")
+    if decision:
+        # The checkout follows the registry, so that `registry check` agrees after a rollback.
+        target = MlflowClient().get_model_version(name, entry["to_version"])
+        decision.update(champion_version=entry["to_version"], champion_model_dvc_md5=target.tags.get(MODEL_HASH_TAG, ""),
+                        rolled_back=entry)
+        outputs.write_text(path, json.dumps(decision, indent=2) + "\n")
+        print(f"{path.relative_to(root)} names version {entry['to_version']} as champion")
     return 0
 
 
