@@ -191,7 +191,9 @@ def object_store(directory: Path, arguments: list[str], env: dict[str, str]) -> 
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
         "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
     arguments = [a for a in arguments if not a.startswith("-dir=")]
-    command = [str(Path(sys.executable).parent / "weed"), "mini", *arguments, f"-dir={directory / 'data'}",
+    # -logdir: its glog files in `directory` too, not in /tmp.
+    command = [str(Path(sys.executable).parent / "weed"), f"-logdir={directory}", "mini", *arguments,
+               f"-dir={directory / 'data'}",
                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *(f"-{name}={port}" for name, port in ports.items())]
     (directory / "data").mkdir(exist_ok=True)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
