@@ -64,8 +64,9 @@ $(VEGA)/vega-embed.min.js:
 			> $(VEGA)/$$(basename $${package%-*}).min.js || exit 1; \
 	done
 
+# Test modules spread over the cores (pytest-xdist; a module's servers stay in one worker).
 test: setup
-	$(RUN) pytest
+	$(RUN) pytest -n auto --dist loadfile
 
 # The unit tests only (no pipeline, no servers, no browser): about half a minute, for quick feedback.
 FAST_TESTS = tests/test_config.py tests/test_data.py tests/test_model.py tests/test_outputs.py tests/test_environment.py
