@@ -934,25 +934,38 @@ def test_metrics_add_up_across_worker_processes(champion, mnist, tmp_path):
     values.mkdir()
     env = isolated_env(MLFLOW_TRACKING_URI=tracking_uri, PROMETHEUS_MULTIPROC_DIR=str(values))
     with running(command, port, env, ROOT, tmp_path / "log"):
-        before = scrape(url)
-        answers = []
-        for image in mnist[2][:40]:  # a new connection each: uvicorn spreads them over the workers
-            answers.append(requests.post(f"{url}/predict", json={"image": image.tolist()},
-                                         headers={"Connection": "close"}).json()["digit"])
-        after = scrape(url)
+        from concurrent.futures import ThreadPoolExecutor
+
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        per_worker = []  # each worker's own /predict count, from its own file
-        for path in sorted(values.glob("counter_*.db")):
-            samples = [sample for metric in MultiProcessCollector.merge([str(path)]) for sample in metric.samples
-                       if sample.name == "mnist_http_requests_total" and sample.labels.get("route") == "/predict"]
-            per_worker.append(sum(sample.value for sample in samples))
+        def per_worker() -> list[float]:
+            """Each process's own /predict count, from its own file (the supervisor has one too)."""
+            counts = []
+            for path in sorted(values.glob("counter_*.db")):
+                samples = [sample for metric in MultiProcessCollector.merge([str(path)]) for sample in metric.samples
+                           if sample.name == "mnist_http_requests_total" and sample.labels.get("route") == "/predict"]
+                counts.append(sum(sample.value for sample in samples))
+            return counts
+
+        def predict(index: int) -> int:  # a new connection each: the kernel hands it to either worker
+            return requests.post(f"{url}/predict", json={"image": mnist[2][index].tolist()},
+                                 headers={"Connection": "close"}, timeout=30).json()["digit"]
+
+        before = scrape(url)
+        sent = []
+        # Which worker accepts a connection is the kernel's choice; concurrent batches, until both
+        # have answered some (bounded: 400 requests).
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            while len(sent) < 400 and (len(sent) < 40 or len([c for c in per_worker() if c > 0]) < 2):
+                batch = list(range(len(sent), len(sent) + 8))
+                sent += list(zip(batch, pool.map(predict, batch)))
+        after = scrape(url)
+        counts = per_worker()
     key = ("mnist_http_requests_total", (("method", "POST"), ("route", "/predict"), ("status", "200")))
-    # Both workers answered some (the supervisor process, which imports the module, has a file too).
-    assert len([count for count in per_worker if count > 0]) == 2, per_worker
-    assert after[key] - before.get(key, 0) == 40 == sum(per_worker)
-    assert after[("mnist_images_per_request_count", ())] - before.get(("mnist_images_per_request_count", ()), 0) == 40
-    assert answers == probabilities[:40].argmax(1).tolist()
+    assert len([count for count in counts if count > 0]) == 2, counts
+    assert after[key] - before.get(key, 0) == len(sent) == sum(counts)
+    assert after[("mnist_images_per_request_count", ())] - before.get(("mnist_images_per_request_count", ()), 0) == len(sent)
+    assert [digit for _, digit in sent] == probabilities[:len(sent)].argmax(1).tolist()
 
 
 def test_guardrails_flag_no_real_mnist_image_and_every_blank_inverted_or_scaled_one(mnist, champion):
