@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import config, data
     from .paths import Layout
+    from .registry import resolve
 
     parser = argparse.ArgumentParser(prog="python -m mnist_lifecycle.guardrails",
                                      description="Choose a model's low-confidence threshold on the validation split.")
@@ -94,14 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model_uri.startswith("models:/"):
             print("error: --record needs a registered model URI", file=sys.stderr)
             return 1
-        version = mlflow.models.get_model_info(args.model_uri)  # noqa: F841 - checks it exists
-        name, _, rest = args.model_uri.removeprefix("models:/").partition("/")
-        client = MlflowClient()
-        if "@" in name:
-            name, _, alias = name.partition("@")
-            rest = client.get_model_version_by_alias(name, alias).version
-        client.set_model_version_tag(name, rest, MIN_CONFIDENCE_TAG, f"{threshold:.6f}")
-        print(f"recorded on {name} version {rest}")
+        version = resolve(args.model_uri)
+        MlflowClient().set_model_version_tag(version.name, version.version, MIN_CONFIDENCE_TAG, f"{threshold:.6f}")
+        print(f"recorded on {version.name} version {version.version}")
     return 0
 
 

@@ -65,6 +65,16 @@ def current_champion(model_name: str):
         return None
 
 
+def resolve(model_uri: str):
+    """The ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION; MlflowException if the
+    store has none."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if alias:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    name, _, version = name.partition("/")
+    return MlflowClient().get_model_version(name, version)
+
+
 def version_of(model_name: str, model_md5: str):
     """The registered version holding the model with this DVC hash, or None."""
     found = MlflowClient().search_model_versions(
@@ -165,21 +175,17 @@ def disagreements(decision: dict) -> list[str]:
 
 def sync(decision: dict) -> list[str]:
     """Move the aliases to the versions decision.json names; returns what moved."""
-    client, name = MlflowClient(), decision["model_name"]
+    name = decision["model_name"]
     moved = []
     for alias, (version, model_md5) in _alias_targets(decision).items():
         target = version_of(name, model_md5)
         if target is None:
             raise StoreMismatch(f"the tracking store {mlflow.get_tracking_uri()} has no version of {name} "
                                 f"with {MODEL_HASH_TAG}={model_md5} (decision.json's {alias}, version {version})")
-        try:
-            current = client.get_model_version_by_alias(name, alias).version
-        except MlflowException:
-            current = None
-        if str(current) != str(target.version):
-            aliases.move(name, alias, target.version, f"{aliases.who()} (registry sync)",
-                         "follow decision.json of the checkout")
-            moved.append(f"{name}@{alias}: {current} -> {target.version}")
+        entry = aliases.move(name, alias, target.version, f"{aliases.who()} (registry sync)",
+                             "follow decision.json of the checkout")
+        if entry is not None:  # None: it was there already
+            moved.append(f"{name}@{alias}: {entry['from_version']} -> {entry['to_version']}")
     return moved
 
 
@@ -194,20 +200,15 @@ def check_served(model_uri: str, decision_path=None) -> list[str]:
               "make serve MODEL_URI=data/model/mlflow_model")
     if store_missing(tracking_uri):
         raise StoreMismatch(f"the tracking store {tracking_uri} does not exist. {advice}")
-    name, _, alias = model_uri.removeprefix("models:/").partition("@")
-    client = MlflowClient()
     try:
-        if alias:
-            served = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, version = name.partition("/")
-            served = client.get_model_version(name, version)
+        served = resolve(model_uri)
     except MlflowException:
         raise StoreMismatch(f"the tracking store {tracking_uri} has no {model_uri}. {advice}") from None
+    alias = model_uri.partition("@")[2]
     if not alias or decision_path is None or not decision_path.is_file():
         return []
     decision = json.loads(decision_path.read_text())
-    if decision.get("model_name") != name or alias not in (CHAMPION, CHALLENGER):
+    if decision.get("model_name") != served.name or alias not in (CHAMPION, CHALLENGER):
         return []
     _, model_md5 = _alias_targets(decision).get(alias, (None, None))
     if served.tags.get(MODEL_HASH_TAG) == model_md5:
