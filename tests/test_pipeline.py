@@ -142,6 +142,25 @@ def test_missing_data_source_is_explained(project, tmp_path):
     assert "nowhere/train-images-idx3-ubyte.gz: missing" in result.stderr
 
 
+def test_notebook_failing_before_it_resumes_its_run_is_recorded(project):
+    # The runner creates the run before the notebook runs: a notebook that fails in its first cell,
+    # before the cell that resumes the run, still leaves a FAILED run with its executed notebook.
+    path, env = project
+    notebook = path / "notebooks" / "01_prepare.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    setup = next(cell for cell in nb.cells if "import mlflow" in cell.source)
+    setup.source = "import mnist_lifecycle.no_such_module\n" + setup.source
+    nbformat.write(nb, notebook)
+    result = run(["python", "-m", "mnist_lifecycle.stage", "prepare", "--quiet"], path, env, check=False)
+    assert result.returncode == 1
+    assert "stage prepare failed in notebook cell" in result.stderr and "no_such_module" in result.stderr
+    (failed,) = stage_runs(client_for(path), "prepare")
+    assert failed.info.status == "FAILED"
+    assert json.loads((path / "data/runs/prepare.json").read_text())["mlflow_run_id"] == failed.info.run_id
+    artifacts = {a.path for a in client_for(path).list_artifacts(failed.info.run_id, "notebook")}
+    assert artifacts == {"notebook/01_prepare.ipynb", "notebook/01_prepare.html"}
+
+
 def test_wrong_parameter_type_stops_before_running(project):
     path, env = project
     set_params(path, "train", epochs="three")

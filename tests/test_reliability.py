@@ -85,7 +85,7 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     killed_kernel = wait_for_training(client, set(), repro)
-    os.kill(int(killed_kernel.data.tags["pid"]), signal.SIGKILL)
+    os.kill(int(killed_kernel.data.tags["kernel_pid"]), signal.SIGKILL)
     _, stderr = repro.communicate(timeout=300)
     assert repro.returncode != 0
     assert "stage train: the kernel died" in stderr
@@ -104,7 +104,7 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     killed_all = wait_for_training(client, {killed_kernel.info.run_id}, repro)
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
-    wait_gone(int(killed_all.data.tags["pid"]))  # the kernel follows its stage runner
+    wait_gone(int(killed_all.data.tags["kernel_pid"]))  # the kernel follows its stage runner
     assert client.get_run(killed_all.info.run_id).info.status == "RUNNING"  # nobody was left to close it
     assert yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train"] == locked_train
     assert not any(train_outputs(path).values()), train_outputs(path)

@@ -20,12 +20,6 @@ from typing import Any
 import yaml
 
 PROJECT_ROOT_ENV = "MNIST_PROJECT_ROOT"
-# Set by the stage runner and tagged on the run, so that the runner finds the run its notebook opened.
-INVOCATION_ENV = "MNIST_STAGE_INVOCATION"
-# Set by the sweep runner (sweep.py) in each point's kernel: the stage's run nests under this run,
-# and the notebooks write model/ and evaluation/ there instead of data/.
-PARENT_RUN_ENV = "MNIST_PARENT_RUN_ID"
-OUTPUT_DIR_ENV = "MNIST_OUTPUT_DIR"
 STAGES = ("prepare", "train", "evaluate", "register")
 NOTEBOOKS = {stage: f"{number:02d}_{stage}" for number, stage in enumerate(STAGES, start=1)}
 

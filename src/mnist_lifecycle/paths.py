@@ -1,16 +1,17 @@
 """The data layout: the one place that names where each stage reads and writes.
 
 `dvc.yaml` declares the same paths as the stages' deps and outs (tests/test_config.py keeps the
-two in step). Train and evaluate write under `output` (`data/`, or a sweep point's directory).
+two in step). Train and evaluate write under `output` (`data/`, or a sweep point's directory,
+which the stage runner tags on the stage's MLflow run).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import OUTPUT_DIR_ENV
+# The tag the stage runner puts on a run whose outputs go elsewhere than data/ (a sweep point's).
+OUTPUT_TAG = "output_dir"
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,10 @@ class Layout:
     output: Path  # where model/ and evaluation/ go
 
     @classmethod
-    def of(cls, root: Path) -> Layout:
-        return cls(root, Path(os.environ.get(OUTPUT_DIR_ENV) or root / "data"))
+    def of(cls, root: Path, run=None) -> Layout:
+        """The layout of `root`, writing where the stage's MLflow `run` says (data/ by default)."""
+        output = run.data.tags.get(OUTPUT_TAG) if run is not None else None
+        return cls(root, Path(output) if output else root / "data")
 
     @property
     def raw(self) -> Path:

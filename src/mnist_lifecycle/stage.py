@@ -6,19 +6,19 @@ point of a sweep: one executor, one error report, one way of recording.
 
 1. validates `params/<stage>.yaml` with the `--set` overrides (a bad value stops here, before a
    kernel starts);
-2. executes `notebooks/NN_<stage>.ipynb` into `<output>/executed/` (`data/` unless
-   `--output-dir`; under a temporary name until it ends) with the parameters injected; the
-   notebook opens the stage's MLflow run itself (nested in `--parent-run`), so it runs the same
-   in JupyterLab;
-3. logs the executed notebook (ipynb and HTML) to that run, tags it with DVC's view of the stage
-   (its dependencies' hashes; the experiment's name under `dvc exp run`), marks it FAILED if the
-   notebook failed, and writes `<output>/runs/<stage>.json`: the run's id (a DVC metric), and the
-   error if it failed.
+2. creates the stage's MLflow run: provenance, parameters, DVC's view of the stage (its
+   dependencies' hashes; the experiment's name under `dvc exp run`), nested in `--parent-run`;
+3. executes `notebooks/NN_<stage>.ipynb` into `<output>/executed/` (`data/` unless
+   `--output-dir`; under a temporary name until it ends) with the parameters injected, and the
+   run handed over the way MLflow resumes runs: a cell injected before the notebook's
+   `tracking.start_stage_run` sets $MLFLOW_RUN_ID (run by hand, the notebook opens its own run);
+4. logs the executed notebook (ipynb and HTML) to the run and ends it, FAILED if the notebook
+   failed, and writes `<output>/runs/<stage>.json`: the run's id (a DVC metric), and the error if
+   it failed. A notebook that fails in its first cell still leaves its run, notebook and error.
 
 What the runner adds to the notebook's own time is kept small: the kernel is started before
-papermill is even imported (its ~1.4 s boot overlaps the ~1 s import), MLflow and nbconvert are
-readied in a background thread while the kernel runs (~4 s), and the kernel is killed as soon as
-its last cell ends.
+papermill is even imported (its ~1.4 s boot overlaps the ~1 s import), and the run is created in
+a background thread while the kernel imports its libraries (the injected cell waits for it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,46 +38,63 @@ from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_core.utils import run_sync
 
 from . import config, lineage, outputs
-from .paths import Layout
+from .paths import OUTPUT_TAG, Layout
+
+RUN_CELL_TAG = "injected-run"  # as papermill tags the cell it injects: "injected-parameters"
+OPENS_RUN = "tracking.start_stage_run("  # the notebook's cell that makes the stage's run active
 
 
-
-
-def _prepare_recording(root: Path, stage: str):
-    """What record_notebook needs, made ready while the kernel runs: an MLflow client on the
-    stage's experiment, an HTML exporter with its templates loaded, and the stage's DVC tags."""
+def _open_run(root: Path, stage: str, params, parent_run_id: str | None, output_dir: Path | None):
+    """The stage's run and what recording it needs (an MLflow client, an HTML exporter with its
+    templates loaded), made ready while the kernel starts and imports."""
     import nbformat
     from mlflow.tracking import MlflowClient
     from nbconvert import HTMLExporter
 
-    from .tracking import configure, quiet_known_warnings
+    from .tracking import create_stage_run, runner
 
-    quiet_known_warnings()  # as in the kernel: MLflow's INFO lines on a new store
-    experiment_id = configure(root)  # first: a client opens the store, which configure guards
+    tags = lineage.stage_tags(root, stage)
+    if output_dir is not None:
+        tags[OUTPUT_TAG] = str(output_dir)
+    run_id = create_stage_run(root, stage, params, runner(stage_runner=True, parent_run_id=parent_run_id),
+                              parent_run_id=parent_run_id, tags=tags)
     exporter = HTMLExporter()
     exporter.from_notebook_node(nbformat.v4.new_notebook())  # the first conversion loads templates
-    return MlflowClient(), experiment_id, exporter, lineage.stage_tags(root, stage)
+    return MlflowClient(), run_id, exporter
 
 
-def record_notebook(client, experiment_id: str, invocation: str, notebook: Path, failed: bool,
-                    exporter=None, tags: dict[str, str] | None = None) -> str | None:
-    """Log the executed notebook (and tags) to the run the notebook opened; returns that run's id."""
+def write_with_run_cell(notebook: Path, destination: Path) -> None:
+    """Copy the notebook with an empty cell, tagged RUN_CELL_TAG, before the cell that opens its run."""
     import nbformat
-    from mlflow.entities import RunTag
+
+    nb = nbformat.read(notebook, as_version=4)
+    index = next((i for i, cell in enumerate(nb.cells) if OPENS_RUN in cell.source), None)
+    if index is None:
+        raise ValueError(f"{notebook}: no cell calls {OPENS_RUN}...), which makes the stage's MLflow run active")
+    nb.cells.insert(index, nbformat.v4.new_code_cell(metadata={"tags": [RUN_CELL_TAG]}))
+    outputs.write_text(destination, nbformat.writes(nb))
+
+
+def run_cell_filler(opening: Future):
+    """An nbclient hook that writes the run's id into the injected cell as it is about to run."""
+    def fill(cell, cell_index: int) -> None:
+        if RUN_CELL_TAG in cell.metadata.get("tags", []):
+            _, run_id, _ = opening.result()  # the run is created meanwhile in the background
+            cell.source = (f"# Injected by the stage runner: its MLflow run for this execution, which the next\n"
+                           f"# cell resumes (mlflow.start_run() reads $MLFLOW_RUN_ID).\n"
+                           f"%env MLFLOW_RUN_ID={run_id}")
+    return fill
+
+
+def record_notebook(client, run_id: str, notebook: Path, failed: bool, exporter=None) -> None:
+    """Log the executed notebook (ipynb and HTML) to the stage's run and end the run."""
+    import nbformat
     from nbconvert import HTMLExporter
 
-    runs = client.search_runs([experiment_id], f"tags.stage_invocation = '{invocation}'", max_results=1)
-    if not runs:
-        return None  # the notebook failed before it opened a run; the error says why
-    run_id = runs[0].info.run_id
-    if tags:
-        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     client.log_artifact(run_id, str(notebook), "notebook")
     html, _ = (exporter or HTMLExporter()).from_notebook_node(nbformat.read(notebook, as_version=4))
     client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
-    if failed:
-        client.set_terminated(run_id, status="FAILED")
-    return run_id
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def start_kernel(root: Path) -> AsyncKernelManager:
@@ -107,7 +124,7 @@ def stage_params(root: Path, stage: str, overrides: dict[str, Any] | None = None
 
 
 def run_stage(root: Path, stage: str, log_output: bool = True, *, overrides: dict[str, Any] | None = None,
-              output_dir: Path | None = None, parent_run_id: str | None = None) -> str | None:
+              output_dir: Path | None = None, parent_run_id: str | None = None) -> str:
     """Execute the stage; returns the MLflow run id, raises on failure after recording it.
 
     `output_dir` replaces data/ for what train and evaluate write, the executed notebook and the
@@ -116,54 +133,59 @@ def run_stage(root: Path, stage: str, log_output: bool = True, *, overrides: dic
     params = stage_params(root, stage, overrides)
     config.use_default_tracking_uri(root)  # the kernel inherits the environment
     if stage == "register":
-        lineage.require_store(root)  # before the kernel opens its run, which would create it empty
-    invocation = uuid.uuid4().hex
-    # What the kernel inherits: the run to find afterwards, where to write, the run to nest in.
-    os.environ[config.INVOCATION_ENV] = invocation
-    if output_dir is not None:
-        os.environ[config.OUTPUT_DIR_ENV] = str(output_dir)
-    if parent_run_id:
-        os.environ[config.PARENT_RUN_ENV] = parent_run_id
-    layout = Layout.of(root)
+        lineage.require_store(root)  # before the run is created, which would create the store empty
+    layout = Layout(root, output_dir or root / "data")
+    notebook = root / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"
     kernel = start_kernel(root)
-    import papermill  # while the kernel boots, and before the recording thread contends for the GIL
+    import papermill  # while the kernel boots, and before the run's thread contends for the GIL
 
-    # The kernel opens the store too; tracking.configure keeps two openings of a new sqlite file apart.
-    recording = ThreadPoolExecutor(max_workers=1).submit(_prepare_recording, root, stage)
+    opening = ThreadPoolExecutor(max_workers=1).submit(_open_run, root, stage, params, parent_run_id, output_dir)
     output = layout.executed(config.NOTEBOOKS[stage])
     output.parent.mkdir(parents=True, exist_ok=True)
     # papermill rewrites the notebook after every cell: under a temporary name, so that a kill -9
-    # of this process never leaves a truncated notebook where the stage's output belongs.
+    # of this process never leaves a truncated notebook where the stage's output belongs. It
+    # records where the notebook came from, which is the prepared copy's temporary name here.
     partial = outputs.partial_path(output)
+    prepared = partial.with_name(partial.name.replace(".partial", ".input"))
+    write_with_run_cell(notebook, prepared)
     failed = True
     try:
         papermill.execute_notebook(
-            str(root / "notebooks" / f"{config.NOTEBOOKS[stage]}.ipynb"),
+            str(prepared),
             str(partial),
             parameters=config.as_dict(params),
             cwd=str(root),
             log_output=log_output,
             progress_bar=False,
             km=kernel,
+            on_cell_start=run_cell_filler(opening),  # nbclient skips empty cells after this hook
         )
         failed = False
     finally:
-        # Every notebook ends its MLflow run in its last cell, so nothing is left to flush; a
-        # graceful shutdown would wait ~3 s for the kernel's teardown of torch and MLflow.
+        # The runner ends the run, so nothing is left for the kernel to flush; a graceful
+        # shutdown would wait ~3 s for the kernel's teardown of torch and MLflow.
         run_sync(kernel.shutdown_kernel)(now=True)
-        for name in (config.INVOCATION_ENV, config.OUTPUT_DIR_ENV, config.PARENT_RUN_ENV):
-            os.environ.pop(name, None)
-        if partial.is_file():  # whole: executed to the end, or to where it failed
-            os.replace(partial, output)
-        # Waited for even when nothing is recorded: the thread may still be writing the store.
-        client, experiment_id, exporter, tags = recording.result()
-        run_id = record_notebook(client, experiment_id, invocation, output, failed, exporter, tags) \
-            if output.is_file() else None
+        prepared.unlink(missing_ok=True)
         record = layout.stage_run(stage)
         record.unlink(missing_ok=True)  # an earlier execution's
-        if run_id:
-            outputs.write_text(record, json.dumps({"mlflow_run_id": run_id}) + "\n")
+        client, run_id, exporter = opening.result()  # raises if the run could not be created
+        if partial.is_file():  # whole: executed to the end, or to where it failed
+            _name_source(partial, notebook)
+            os.replace(partial, output)
+            record_notebook(client, run_id, output, failed, exporter)
+        else:
+            client.set_terminated(run_id, status="FAILED")
+        outputs.write_text(record, json.dumps({"mlflow_run_id": run_id}) + "\n")
     return run_id
+
+
+def _name_source(executed: Path, notebook: Path) -> None:
+    """Name the project's notebook, not its prepared copy, as the executed notebook's input."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    nb.metadata.setdefault("papermill", {})["input_path"] = str(notebook)
+    nbformat.write(nb, executed)
 
 
 def failure_message(stage: str, exc: BaseException, executed: Path) -> str | None:

@@ -121,14 +121,15 @@ def provenance_tags(root: Path, stage: str, params) -> dict[str, str]:
     }
 
 
-def runner() -> str:
-    """What started this stage: "sweep", "dvc exp <name>", "pipeline" (the stage runner under dvc
-    repro), "jupyter" (a notebook run by hand) or "python"."""
-    if os.environ.get(config.PARENT_RUN_ENV):
-        return "sweep"
-    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` for the commands of its stages
-        return f"dvc exp {os.environ['DVC_EXP_NAME']}"
-    if os.environ.get(config.INVOCATION_ENV):
+def runner(stage_runner: bool = False, parent_run_id: str | None = None) -> str:
+    """What started this stage: "sweep", "dvc exp <name>" or "pipeline" for the stage runner (a
+    sweep's points have a parent run; `dvc exp run` sets $DVC_EXP_NAME for its stages' commands),
+    else "jupyter" (a notebook run by hand) or "python"."""
+    if stage_runner:
+        if parent_run_id:
+            return "sweep"
+        if os.environ.get("DVC_EXP_NAME"):
+            return f"dvc exp {os.environ['DVC_EXP_NAME']}"
         return "pipeline"
     return "jupyter" if "ipykernel" in sys.modules else "python"
 
@@ -148,13 +149,16 @@ def describe_run(stage: str, params, commit: str, started_by: str) -> tuple[str,
 
 
 def end_stage_run(outcome: str) -> None:
-    """End the active stage run, with what it found (`outcome`) first in its description: the
-    UI shows a description's first lines only."""
+    """Put what the stage found (`outcome`) first in the active run's description (the UI shows a
+    description's first lines only), and end the run unless the stage runner owns it: the runner
+    ends it once it has logged the executed notebook."""
     run = mlflow.active_run()
-    if run is not None:
-        description = MlflowClient().get_run(run.info.run_id).data.tags.get(RUN_DESCRIPTION_TAG, "")
-        mlflow.set_tag(RUN_DESCRIPTION_TAG, f"**Result:** {outcome}\n\n{description}".strip())
-    mlflow.end_run()
+    if run is None:
+        return
+    description = MlflowClient().get_run(run.info.run_id).data.tags.get(RUN_DESCRIPTION_TAG, "")
+    mlflow.set_tag(RUN_DESCRIPTION_TAG, f"**Result:** {outcome}\n\n{description}".strip())
+    if run.info.run_id not in _runner_runs:
+        mlflow.end_run()
 
 
 def _not_about_pip_version(record: logging.LogRecord) -> bool:
@@ -174,31 +178,56 @@ def quiet_known_warnings() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] | None = None):
-    """Start the stage's MLflow run with provenance tags and the parameters.
+# Runs this process resumed from $MLFLOW_RUN_ID (which MLflow unsets once it has read it).
+_runner_runs: set[str] = set()
+
+
+def create_stage_run(root: Path, stage: str, params, started_by: str, *, parent_run_id: str | None = None,
+                     tags: dict[str, str] | None = None) -> str:
+    """Create the stage's MLflow run, not yet active: provenance tags, a name and description a
+    person can tell it by, the parameters; nested in `parent_run_id` (a sweep's run) if given.
 
     Runs a killed process left RUNNING on this host are closed first (see close_abandoned_runs).
-    Under a sweep the run is nested (tag `mlflow.parentRunId`) in the sweep's run, named by
-    $MNIST_PARENT_RUN_ID.
     """
+    from mlflow.entities import Param
+    from mlflow.tracking.context import registry as context
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
     quiet_known_warnings()
     experiment_id = configure(root)
     close_abandoned_runs(experiment_id)
-    tags = provenance_tags(root, stage, params)
-    if os.environ.get(config.INVOCATION_ENV):
-        tags["stage_invocation"] = os.environ[config.INVOCATION_ENV]
-    tags["runner"] = runner()
-    run_name, tags[RUN_DESCRIPTION_TAG] = describe_run(stage, params, tags["git_commit"], tags["runner"])
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags={**tags, **(extra_tags or {})},
-                           parent_run_id=os.environ.get(config.PARENT_RUN_ENV) or None)
-    mlflow.log_params(config.as_dict(params))
-    return run
+    run_tags = {**provenance_tags(root, stage, params), "runner": started_by}
+    run_name, run_tags[RUN_DESCRIPTION_TAG] = describe_run(stage, params, run_tags["git_commit"], started_by)
+    if parent_run_id:
+        run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    client = MlflowClient()
+    # The tags mlflow.start_run adds (user, source type), then ours.
+    run = client.create_run(experiment_id, run_name=run_name, tags=context.resolve_tags({**run_tags, **(tags or {})}))
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.as_dict(params).items()])
+    return run.info.run_id
+
+
+def start_stage_run(root: Path, stage: str, params, extra_tags: dict[str, str] | None = None):
+    """Make the stage's MLflow run the active run and return it.
+
+    Under the stage runner (dvc repro, sweeps) that is the run it created, named by MLflow's own
+    $MLFLOW_RUN_ID; run by hand (JupyterLab) the notebook creates its own.
+    """
+    quiet_known_warnings()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run()  # resumes $MLFLOW_RUN_ID
+        _runner_runs.add(run.info.run_id)
+        # The process that runs the notebook (`pid` is the runner's, which owns the run).
+        mlflow.set_tags({"kernel_pid": str(os.getpid()), **(extra_tags or {})})
+        return run
+    return mlflow.start_run(create_stage_run(root, stage, params, runner(), tags=extra_tags))
 
 
 def close_abandoned_runs(experiment_id: str) -> list[str]:
     """Mark KILLED the runs this host left RUNNING whose process is gone (kill -9, power loss).
 
-    The `pid` tag is the process that ran the notebook (the kernel under papermill).
+    The `pid` tag is the process that owns the run: the stage runner, or the kernel of a notebook
+    run by hand.
     """
     client = MlflowClient()
     host = socket.gethostname()
