@@ -69,7 +69,7 @@ def save_model_output(layout: Layout, run_id: str, model_info) -> dict:
     client.set_logged_model_tags(model_info.model_id, {MODEL_HASH_TAG: md5})
     info = {"run_id": run_id, "model_id": model_info.model_id, "model_uri": model_info.model_uri,
             MODEL_HASH_TAG: md5, "path": target.relative_to(layout.root).as_posix()}
-    outputs.write_text(layout.model_info, json.dumps(info, indent=2) + "\n")
+    outputs.write_json(layout.model_info, info)
     return info
 
 

@@ -11,6 +11,7 @@ DVC stage.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,3 +37,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as indented JSON with a final newline (what DVC metrics and people read)."""
+    write_text(path, json.dumps(value, indent=2) + "\n")

@@ -284,7 +284,7 @@ def rollback_or_history(root, path, args) -> int:
         target = MlflowClient().get_model_version(name, entry["to_version"])
         decision.update(champion_version=entry["to_version"], champion_model_dvc_md5=target.tags.get(MODEL_HASH_TAG, ""),
                         rolled_back=entry)
-        outputs.write_text(path, json.dumps(decision, indent=2) + "\n")
+        outputs.write_json(path, decision)
         print(f"{path.relative_to(root)} names version {entry['to_version']} as champion")
     return 0
 

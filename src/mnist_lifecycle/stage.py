@@ -175,7 +175,7 @@ def run_stage(root: Path, stage: str, log_output: bool = True, *, overrides: dic
             record_notebook(client, run_id, output, failed, exporter)
         else:
             client.set_terminated(run_id, status="FAILED")
-        outputs.write_text(record, json.dumps({"mlflow_run_id": run_id}) + "\n")
+        outputs.write_json(record, {"mlflow_run_id": run_id})
     return run_id
 
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if output_dir is not None:  # for the sweep that started it
             record = layout.stage_run(args.stage)
             previous = json.loads(record.read_text()) if record.is_file() else {}
-            outputs.write_text(record, json.dumps({**previous, "error": message.splitlines()[0]}) + "\n")
+            outputs.write_json(record, {**previous, "error": message.splitlines()[0]})
         return 2 if isinstance(exc, config.ParamsError) else 1
     print(f"stage {args.stage}: MLflow run {run_id}")
     return 0
