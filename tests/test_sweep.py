@@ -1,10 +1,16 @@
-"""Papermill sweeps: checked before anything runs, nested MLflow runs, a failing point recorded
-and passed over, the summary. One 4-point smoke sweep on real MNIST in a copy of the project."""
+"""Sweeps on Optuna: checked before anything runs, nested MLflow runs, a failing point recorded
+and passed over, the summary; a study in PostgreSQL shared by two worker processes, one killed
+mid-trial; a search whose pruner stops losing trials. Smoke-size sweeps on real MNIST in copies of
+the project."""
 
 import csv
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from mnist_lifecycle import config, sweep
 
 from .conftest import ROOT, copy_project, run
+from .servers import postgres_cluster
 
 SMOKE = {"epochs": 1, "max_train_samples": 2000, "width": 8, "batch_size": 64}
 
@@ -32,11 +39,14 @@ def bare_project(tmp_path):
 
 def test_committed_sweep_files_are_valid():
     files = sorted((ROOT / "params" / "sweeps").glob("*.yaml"))
-    assert [f.stem for f in files] == ["lr_width", "smoke"]
-    lr_width = sweep.load_sweep(ROOT, files[0])
+    assert [f.stem for f in files] == ["lr_search", "lr_width", "smoke"]
+    lr_width = sweep.load_sweep(ROOT, files[1])
     assert len(lr_width.points) == 8 and lr_width.swept == ["lr", "width"]
     assert lr_width.points[0].name == "01_lr=0.05_width=8"
     assert lr_width.points[0].params.epochs == config.load(ROOT, "train").epochs  # the base values
+    search = sweep.load_sweep(ROOT, files[0])
+    assert (search.points, search.budget, search.sampler, search.pruner) == ([], 16, "tpe", "median")
+    assert [(d.name, d.log) for d in search.search] == [("lr", True), ("weight_decay", True), ("width", False)]
 
 
 def test_unknown_parameter_stops_the_sweep_naming_it(bare_project, monkeypatch, capsys):
@@ -53,10 +63,19 @@ def test_wrong_type_and_malformed_files_are_explained(bare_project):
         ({"grid": {"lr": [0.1, "fast"]}}, r"point 02_lr=fast: params/sweeps/bad\.yaml:lr = 'fast': must be float, got str"),
         ({"fixed": {"epochs": 1.5}, "points": [{"seed": 1}]}, r"params/sweeps/bad\.yaml:epochs = 1\.5: must be int, got float"),
         ({"grid": {"lr": []}}, r"grid must map each parameter to a non-empty list"),
-        ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate"),
+        ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate, search"),
         ({"fixed": {"epochs": 1}}, r"no points; give a grid, points or both"),
         ({"grid": {"lr": [0.1, 0.0]}}, r"point 02_lr=0\.0: params/sweeps/bad\.yaml:lr = 0\.0: must be a finite "
                                       r"number > 0$"),
+        # Search spaces: each bound and choice is a value of its parameter.
+        ({"search": {"lr": {"low": 0.0, "high": 1.0}}, "trials": 4},
+         r"params/sweeps/bad\.yaml:search:lr = 0\.0: must be a finite number > 0$"),
+        ({"search": {"width": [8, "wide"]}, "trials": 4}, r"search:width = 'wide': must be int, got str"),
+        ({"search": {"lr": {"low": 0.5, "high": 0.1}}, "trials": 4}, r"search\.lr = .*: needs low < high"),
+        ({"search": {"lr": [0.1]}}, r"a search needs trials: a whole number of at least 1, got None"),
+        ({"search": {"lr": [0.1]}, "trials": 2, "grid": {"width": [8]}}, r"either search \(with trials\) or grid"),
+        ({"search": {"lr": [0.1]}, "trials": 2, "pruner": "mean"}, r"pruner must be one of median, none, got 'mean'"),
+        ({"grid": {"lr": [0.1]}, "trials": 2}, r"trials, sampler and seed belong to a search"),
     ]
     for spec, message in cases:
         with pytest.raises(sweep.SweepError, match=message):
@@ -86,9 +105,9 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
                  check=False)
     assert result.returncode == 1, result.stderr[-3000:]  # a point failed
     out = result.stdout
-    assert "4 points, 2 worker(s) x 1 torch thread(s)" in out
-    assert "[3/4 done, 0 running, 1 failed]" in out
-    assert "FAILED 03_lr=100000.0" in out and "FloatingPointError: training diverged" in out
+    assert "4 trials, 2 worker(s) here x 1 torch thread(s)" in out
+    assert "[3/4 done, 0 running, 0 pruned, 1 failed]" in out
+    assert re.search(r"FAILED trial \d 03_lr=100000\.0 after \d+ s: .*FloatingPointError: training diverged", out)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
@@ -128,22 +147,31 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     assert [row["status"] for row in rows] == ["FINISHED"] * 3 + ["FAILED"]
     accuracies = [float(row["val_accuracy"]) for row in rows[:3]]
     assert accuracies == sorted(accuracies, reverse=True)
-    assert list(rows[0])[:4] == ["point", "status", "lr", "augment_shift"]
+    assert list(rows[0])[:5] == ["point", "trial", "status", "lr", "augment_shift"]
     best = by_point[rows[0]["point"]]
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["val_accuracy"]
-    assert parent.data.metrics["points_failed"] == 1
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_pruned"] == 0
     best_yaml = (sweep_dir / "best.yaml").read_text()
     assert best_yaml in out
     best_params = config.as_dict(config.validate("train", yaml.safe_load(best_yaml)))
     assert {name: str(value) for name, value in best_params.items()} == {
         name: best.data.params[name] for name in best_params}
-    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+    views = ["optimization_history.png", "param_importances.png", "parallel_coordinate.png"]
+    for name in ["summary.png", *views]:
+        assert (sweep_dir / name).stat().st_size > 10_000, name
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "summary.csv", "summary.md", "summary.png", "best.yaml", "smoke.yaml"}
+        "summary.csv", "summary.md", "best.yaml", "smoke.yaml", "summary.png", *views}
 
+    # Run again, the study resumes: nothing is left to run, the same summary and parent run.
     again = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file)], path, env, check=False)
-    assert again.returncode == 2 and "exists from an earlier run; pass --overwrite" in again.stderr
+    assert again.returncode == 1 and "started trial" not in again.stdout, again.stdout
+    assert f"MLflow run {parent.info.run_id}" in again.stdout and best_yaml in again.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert len(study.trials) == 4
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
@@ -179,3 +207,141 @@ def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
     # Each run's name says which experiment ran it (the prepare run is the pipeline's).
     assert sorted(r.data.tags["runner"] for r in runs) == sorted(f"dvc exp {name}" for name in names)
     assert all(r.info.run_name.startswith(f"train · dvc exp {r.data.tags['runner'][8:]} · ") for r in runs)
+
+
+def _trial_processes(marker: str) -> list[int]:
+    """Processes whose environment names `marker` (a worker's output directory): its stage
+    runners and their kernels."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes() + (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                pass
+    return found
+
+
+def test_two_workers_share_a_postgresql_study_and_one_killed_mid_trial_is_retried(project, tmp_path):
+    """Two worker processes (two machines, as far as the study knows) on one grid in PostgreSQL:
+    each point completes once; the worker killed with kill -9 mid-trial leaves no process and no
+    MLflow run behind, and its trial is failed by heartbeat and run again by the other worker."""
+    import optuna
+    from optuna.trial import TrialState
+
+    path, env = project
+    run(["dvc", "repro", "prepare"], path, env)
+    grid = {"lr": [0.05, 0.2], "augment_shift": [0, 2]}
+    sweep_file = write_sweep(path, "shared", {"fixed": SMOKE, "grid": grid})
+    with postgres_cluster() as database:
+        storage = database.sqlalchemy_uri()
+        workers, logs = {}, {}
+        for name in ("a", "b"):  # each with an output directory of its own, as on its own machine
+            logs[name] = (tmp_path / f"worker-{name}.log").open("w")
+            workers[name] = subprocess.Popen(
+                [sys.executable, "-m", "mnist_lifecycle.sweep", str(sweep_file), "--storage", storage,
+                 "--workers", "1", "--heartbeat", "2", "--output", f"sweeps/shared-{name}"],
+                cwd=path, env=env, stdout=logs[name], stderr=subprocess.STDOUT)
+        try:
+            # Kill a mid-trial: its kernel is training (it has told the trial its MLflow run).
+            deadline = time.monotonic() + 300
+            while True:
+                assert time.monotonic() < deadline and workers["a"].poll() is None, (tmp_path / "worker-a.log").read_text()
+                try:
+                    study = optuna.load_study(study_name="shared", storage=storage)
+                    killed = next((t for t in study.get_trials(states=(TrialState.RUNNING,))
+                                   if t.user_attrs.get("worker", "").endswith(f":{workers['a'].pid}")
+                                   and "mlflow_run_id" in t.user_attrs), None)
+                except KeyError:  # no study yet
+                    killed = None
+                if killed:
+                    break
+                time.sleep(0.5)
+            workers["a"].send_signal(signal.SIGKILL)
+            workers["a"].wait()
+            # Its stage runner and kernel die with it.
+            deadline = time.monotonic() + 30
+            while _trial_processes(str(path / "sweeps" / "shared-a")):
+                assert time.monotonic() < deadline, _trial_processes(str(path / "sweeps" / "shared-a"))
+                time.sleep(0.5)
+            assert workers["b"].wait(timeout=600) == 0, (tmp_path / "worker-b.log").read_text()[-4000:]
+        finally:
+            for process in workers.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            for log in logs.values():
+                log.close()
+        trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+
+    out_b = (tmp_path / "worker-b.log").read_text()
+    assert f"trial {killed.number} ({killed.user_attrs['point']}): its worker died; queued again" in out_b
+    # Exactly the grid's points completed, each once; the killed attempt failed and was retried.
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    names = ["01_lr=0.05_augment_shift=0", "02_lr=0.05_augment_shift=2", "03_lr=0.2_augment_shift=0",
+             "04_lr=0.2_augment_shift=2"]
+    assert sorted(t.user_attrs["point"] for t in completed) == names
+    assert sorted((t.params["lr"], t.params["augment_shift"]) for t in completed) == [
+        (0.05, 0), (0.05, 2), (0.2, 0), (0.2, 2)]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == [killed.number]
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert retry.user_attrs["worker"].endswith(f":{workers['b'].pid}")
+    assert len(trials) == 5
+    # Both workers took trials: they add up.
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials} == {str(p.pid) for p in workers.values()}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mnist-lifecycle")
+    assert not client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep = 'shared' and attributes.run_name = 'shared'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna_storage"].startswith("postgresql+psycopg://mlflow:***@")
+    dead = client.get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and "stopped (no heartbeat); retried" in dead.data.tags["error"]
+    assert dead.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.status for c in children) == ["FAILED"] + ["FINISHED"] * 4
+    with (path / "sweeps" / "shared-b" / "summary.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(row["point"] for row in rows) == names and {row["status"] for row in rows} == {"FINISHED"}
+
+
+def test_search_with_a_median_pruner_prunes_losing_trials(project):
+    """A seeded TPE search over a learning-rate range whose low end learns little: the notebook
+    reports each epoch, the median pruner stops the losers; they show as pruned in MLflow."""
+    import optuna
+    from optuna.trial import TrialState
+
+    path, env = project
+    run(["dvc", "repro", "prepare"], path, env)
+    sweep_file = write_sweep(path, "search", {
+        "fixed": {**SMOKE, "epochs": 2}, "search": {"lr": {"low": 1e-5, "high": 0.3, "log": True}},
+        "trials": 6, "seed": 0, "pruner": "median"})
+    result = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file), "--workers", "2"], path, env)
+    assert "6 trials, 2 worker(s) here" in result.stdout
+    sweep_dir = path / "sweeps" / "search"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    completed = study.get_trials(states=(TrialState.COMPLETE,))
+    assert pruned and len(pruned) + len(completed) == 6, result.stdout
+    for trial in pruned:
+        # Stopped after an epoch, below the median of the completed trials after that epoch.
+        epoch = max(trial.intermediate_values)
+        assert list(trial.intermediate_values) == list(range(1, epoch + 1))
+        assert trial.intermediate_values[epoch] < max(t.intermediate_values[epoch] for t in completed)
+    assert study.best_value == max(t.value for t in completed)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    for trial in pruned:
+        mlflow_run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert mlflow_run.info.status == "KILLED" and mlflow_run.data.tags["trial_state"] == "PRUNED"
+        epoch = max(trial.intermediate_values)
+        assert mlflow_run.data.tags["error"].startswith(f"pruned after epoch {epoch}: val_accuracy ")
+        steps = [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")]
+        assert steps == list(trial.intermediate_values)
+    with (sweep_dir / "summary.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["status"] for row in rows] == ["FINISHED"] * len(completed) + ["PRUNED"] * len(pruned)
+    assert float(rows[0]["val_accuracy"]) == pytest.approx(study.best_value)
+    assert yaml.safe_load((sweep_dir / "best.yaml").read_text())["lr"] == pytest.approx(study.best_params["lr"])
