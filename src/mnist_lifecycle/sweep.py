@@ -302,6 +302,7 @@ class Worker:
         self.client = MlflowClient()
         self.experiment_id = tracking.configure(root)
         self.lock = threading.Lock()
+        self.stopping = threading.Event()  # Ctrl-C: no new trial; the interrupted ones are queued again
         self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)
         self.storage = trials.storage(storage_url, heartbeat, self.worker_died)
         self.study = self.open_study()
@@ -457,7 +458,10 @@ class Worker:
         from optuna.trial import TrialState
 
         name, seconds = trial.user_attrs.get("point", "?"), trial.user_attrs.get("wall_seconds", 0)
-        if trial.state == TrialState.COMPLETE:
+        if self.stopping.is_set() and trial.state == TrialState.FAIL:  # its kernel got the Ctrl-C too
+            self.retry(study, trial)
+            self.progress(f"interrupted trial {trial.number} {name}: queued again, to run when the sweep resumes")
+        elif trial.state == TrialState.COMPLETE:
             self.progress(f"finished trial {trial.number} {name} in {seconds:.0f} s: val_accuracy {trial.value:.4f}")
         else:
             self.progress(f"{trial.state.name.replace('FAIL', 'FAILED')} trial {trial.number} {name} after "
@@ -495,7 +499,7 @@ class Worker:
     def work(self) -> None:
         """One worker: a trial at a time while any can start; waits while others' trials run
         (one of them may die and be queued again)."""
-        while True:
+        while not self.stopping.is_set():
             # One thread of this process at a time decides and takes its trial (the lock is let go
             # once the trial is taken): a queued trial is never asked for twice here.
             self.lock.acquire()
@@ -525,8 +529,14 @@ class Worker:
         status = "KILLED"
         try:
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                for future in [pool.submit(self.work) for _ in range(self.workers)]:
-                    future.result()
+                try:
+                    for future in [pool.submit(self.work) for _ in range(self.workers)]:
+                        future.result()
+                except KeyboardInterrupt:
+                    self.stopping.set()
+                    print("interrupted: the running trials stop and are queued again; the same command "
+                          "resumes the sweep", flush=True)
+                    raise
             outcomes = self.outcomes()
             self.summarize(outcomes)
             status = "FINISHED"
