@@ -61,10 +61,11 @@ def environment(storage_url: str, study_name: str, trial_id: int, pruner: str) -
                                    "pruner": pruner})}
 
 
-def epoch_reporter(run_id: str) -> Callable[[Any], None]:
+def epoch_reporter(run_id: str, params) -> Callable[[Any], None]:
     """In a sweep's trial: a function that reports an epoch's validation accuracy to the trial and
-    raises optuna.TrialPruned when the pruner stops it; the trial also learns its MLflow run (so
-    that a dead trial's run can be closed). Outside a sweep: a function that does nothing."""
+    raises optuna.TrialPruned when the pruner stops it before the last of `params.epochs` (a
+    trained model is kept whatever it scores); the trial also learns its MLflow run (so that a
+    dead trial's run can be closed). Outside a sweep: a function that does nothing."""
     spec = os.environ.get(TRIAL_ENV)
     if not spec:
         return lambda result: None
@@ -79,9 +80,9 @@ def epoch_reporter(run_id: str) -> Callable[[Any], None]:
 
     def report(result) -> None:
         trial.report(result.val_accuracy, result.epoch)
-        if trial.should_prune():
+        if result.epoch < params.epochs and trial.should_prune():
             raise optuna.TrialPruned(
                 f"pruned after epoch {result.epoch}: val_accuracy {result.val_accuracy:.4f} is below "
-                f"the median of the earlier trials after that epoch ({spec['pruner']} pruner)")
+                f"the median of the finished trials after that epoch ({spec['pruner']} pruner)")
 
     return report
