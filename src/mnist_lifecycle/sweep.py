@@ -551,12 +551,17 @@ class Worker:
         states = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "PRUNED", TrialState.FAIL: "FAILED"}
         finished = [t for t in self.study.get_trials(deepcopy=False) if t.state in states and "params" in t.user_attrs]
         retried = {n for t in self.study.get_trials(deepcopy=False) for n in t.system_attrs.get("retry_history", [])}
-        return [Outcome(Point(t.user_attrs["point"], config.validate("train", t.user_attrs["params"])),
-                        states[t.state], t.user_attrs.get("mlflow_run_id"),
-                        {k: t.user_attrs[k] for k in ("val_accuracy", "test_accuracy", "train_seconds")
-                         if k in t.user_attrs}, t.user_attrs.get("error", ""), t.user_attrs.get("wall_seconds", 0.0),
-                        t.number)
-                for t in finished if t.number not in retried]
+        outcomes = []
+        for t in finished:
+            if t.number in retried:
+                continue
+            metrics = {k: t.user_attrs[k] for k in ("val_accuracy", "test_accuracy", "train_seconds") if k in t.user_attrs}
+            if t.intermediate_values:  # where a pruned trial stood when it was stopped
+                metrics["last_reported"] = t.intermediate_values[max(t.intermediate_values)]
+            outcomes.append(Outcome(Point(t.user_attrs["point"], config.validate("train", t.user_attrs["params"])),
+                                    states[t.state], t.user_attrs.get("mlflow_run_id"), metrics,
+                                    t.user_attrs.get("error", ""), t.user_attrs.get("wall_seconds", 0.0), t.number))
+        return outcomes
 
     def summarize(self, outcomes: list[Outcome]) -> None:
         from .evaluation import write_csv
@@ -654,8 +659,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 def summary_figure(title: str, outcomes: list[Outcome], swept: list[str], log_scale: set[str] = frozenset()):
     """Validation accuracy against each swept parameter (a line through the best trial per value
-    of a grid); pruned trials as grey dots, failed ones as red crosses at the bottom. A search's
-    ranges are drawn to scale (log where searched so)."""
+    of a grid); pruned trials as grey dots where they stood when stopped, failed ones as red
+    crosses, both at the bottom edge if lower than every finished trial. A search's ranges are
+    drawn to scale (log where searched so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -667,6 +673,7 @@ def summary_figure(title: str, outcomes: list[Outcome], swept: list[str], log_sc
     pruned = [o for o in outcomes if o.status == "PRUNED"]
     failed = [o for o in outcomes if o.status == "FAILED"]
     floor = min((o.metrics["val_accuracy"] for o in finished), default=0.0)
+    floor -= 0.1 * (max((o.metrics["val_accuracy"] for o in finished), default=1.0) - floor) or 0.001
     for axis, name in zip(axes[0], names):
         values = sorted({getattr(o.point.params, name) for o in outcomes})
         numeric = all(isinstance(v, (int, float)) for v in values)
@@ -686,8 +693,9 @@ def summary_figure(title: str, outcomes: list[Outcome], swept: list[str], log_sc
                 best[value] = max(best.get(value, 0.0), o.metrics["val_accuracy"])
             axis.plot([x[v] for v in sorted(best)], [best[v] for v in sorted(best)], "-", label="best")
         if pruned:
-            axis.plot([x[getattr(o.point.params, name)] for o in pruned], [floor] * len(pruned),
-                      "o", color="grey", label="pruned")
+            axis.plot([x[getattr(o.point.params, name)] for o in pruned],
+                      [max(floor, o.metrics.get("last_reported", floor)) for o in pruned],
+                      "o", color="grey", alpha=0.6, label="pruned (when stopped)")
         if failed:
             axis.plot([x[getattr(o.point.params, name)] for o in failed], [floor] * len(failed),
                       "rx", markersize=10, label="failed")
