@@ -343,11 +343,17 @@ class Worker:
 
         from . import tracking
 
+        storage = shown_storage(self.storage_url)
+        sweep_file = _shown(self.root, self.sweep.path)
+        description = (f"Sweep `{sweep_file}`: Optuna study `{self.sweep.name}` in `{storage}`, one nested run per "
+                       f"trial. Join or resume it from any machine with `python -m mnist_lifecycle.sweep "
+                       f"{sweep_file} --storage {storage}`{' (with the password)' if '***' in storage else ''}; watch it with "
+                       f"`uvx optuna-dashboard {storage}`.")
         run_id = self.client.create_run(
             self.experiment_id, run_name=self.sweep.name,
             tags={"sweep": self.sweep.name, "git_commit": tracking.git_commit(self.root),
-                  "optuna_storage": shown_storage(self.storage_url), "optuna_study": self.sweep.name,
-                  "mlflow.source.name": "mnist_lifecycle.sweep"},
+                  "optuna_storage": storage, "optuna_study": self.sweep.name,
+                  "mlflow.source.name": "mnist_lifecycle.sweep", tracking.RUN_DESCRIPTION_TAG: description},
         ).info.run_id
         params = {"sweep_file": _shown(self.root, self.sweep.path), "trials": self.sweep.total,
                   "swept": ",".join(self.sweep.swept), "evaluate": self.sweep.evaluate,
