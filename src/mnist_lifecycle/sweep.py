@@ -303,7 +303,9 @@ class Worker:
         self.experiment_id = tracking.configure(root)
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # Ctrl-C: no new trial; the interrupted ones are queued again
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRIES)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.8
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
         self.storage = trials.storage(storage_url, heartbeat, self.worker_died)
         self.study = self.open_study()
         self.parent_id = self.study.user_attrs["mlflow_parent_run_id"]
@@ -444,6 +446,8 @@ class Worker:
                 metrics["test_accuracy"] = test["accuracy"]
         seconds = time.perf_counter() - started
         trial.set_user_attr("wall_seconds", round(seconds, 1))
+        if error and self.stopping.is_set():
+            error = "interrupted (Ctrl-C); queued again, for the sweep's resume"
         pruned = "TrialPruned: " in error
         if pruned:
             error = error.split("TrialPruned: ", 1)[1]
@@ -766,7 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"MLflow run {worker.parent_id} in {worker.tracking_uri}", flush=True)
-    outcomes = worker.run()
+    try:
+        outcomes = worker.run()
+    except KeyboardInterrupt:
+        return 130  # as a shell reports Ctrl-C; run() has said how to resume
     return 1 if any(o.status == "FAILED" for o in outcomes) else 0
 
 

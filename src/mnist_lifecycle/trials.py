@@ -41,18 +41,23 @@ def make_sampler(name: str, seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True, constant_liar=True)
 
 
-def storage(url: str, heartbeat_seconds: int | None = None, failed_trial_callback=None):
+def storage(url: str, heartbeat_seconds: int | None = None, stale_trial_callback=None):
     """Optuna's database storage (sqlite or PostgreSQL); with `heartbeat_seconds`, a running
     trial's worker writes a heartbeat that often, and a trial without one for 3 times as long is
-    failed by the next worker that looks, which calls `failed_trial_callback` (a retry)."""
+    failed by the next worker that looks, which calls `stale_trial_callback` (a retry)."""
+    import warnings
+
     import optuna
 
     # Several workers and their kernels write one sqlite file: wait for its lock, not fail at once.
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     heartbeat = {} if heartbeat_seconds is None else {
         "heartbeat_interval": heartbeat_seconds, "grace_period": 3 * heartbeat_seconds,
-        "failed_trial_callback": failed_trial_callback}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
+        "heartbeat_stale_trial_callback": stale_trial_callback}
+    with warnings.catch_warnings():
+        # Heartbeats are "experimental" in Optuna since 2.9 and unchanged since; say nothing of it.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, **heartbeat)
 
 
 def environment(storage_url: str, study_name: str, trial_id: int, pruner: str) -> dict[str, str]:
