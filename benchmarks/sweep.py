@@ -133,22 +133,38 @@ def trials_to_best(rows: list[dict]) -> tuple[float, int]:
     return best, next(number for number, value in finished if value == best) + 1
 
 
+def guided_first_epochs(study_db: Path, name: str, startup: int = 5) -> float:
+    """The mean validation accuracy after the first epoch of the trials after TPE's 5 random ones
+    (pruned trials included): how good the regions each sampler chose were."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_db}")
+    values = [t.intermediate_values[1] for t in study.trials if t.number >= startup and 1 in t.intermediate_values]
+    return sum(values) / len(values)
+
+
 def search(args, cores: int, scratch: Path) -> None:
     spec = yaml.safe_load(args.search.read_text())
     results = {}
-    for sampler in ("tpe", "random"):
-        load = os.getloadavg()[0]
-        seconds, rows = timed_sweep({**spec, "sampler": sampler}, f"search-{sampler}", 2, max(1, cores // 2), scratch)
-        best, reached = trials_to_best(rows)
-        pruned = sum(row["status"] == "PRUNED" for row in rows)
-        failed = sum(row["status"] == "FAILED" for row in rows)
-        results[sampler] = (best, reached, seconds)
-        print(f"{args.search.name} {sampler:6}: {len(rows)} trials in {seconds:6.1f} s, best val_accuracy {best:.4f} "
-              f"reached at trial {reached}; {pruned} pruned, {failed} failed  (load average before: {load:.1f})",
-              flush=True)
-    (tpe, tpe_at, tpe_s), (rnd, rnd_at, rnd_s) = results["tpe"], results["random"]
-    print(f"TPE against random: best val_accuracy {tpe - rnd:+.4f} (error rate {(1 - tpe) / (1 - rnd):.2f}x random's), "
-          f"reached after {tpe_at} trials against {rnd_at}; wall time {tpe_s / rnd_s:.2f}x", flush=True)
+    for seed in args.seeds:
+        for sampler in ("tpe", "random"):
+            load = os.getloadavg()[0]
+            name = f"search-{sampler}-{seed}"
+            seconds, rows = timed_sweep({**spec, "sampler": sampler, "seed": seed}, name, 2, max(1, cores // 2), scratch)
+            best, reached = trials_to_best(rows)
+            guided = guided_first_epochs(scratch / name / "study.db", name)
+            pruned = sum(row["status"] == "PRUNED" for row in rows)
+            failed = sum(row["status"] == "FAILED" for row in rows)
+            results[sampler, seed] = (best, reached, seconds, guided)
+            print(f"{args.search.name} seed {seed} {sampler:6}: {len(rows)} trials in {seconds:6.1f} s, best val_accuracy "
+                  f"{best:.4f} reached at trial {reached}; {pruned} pruned, {failed} failed; trials 6-16 after epoch 1: "
+                  f"mean val_accuracy {guided:.4f}  (load average before: {load:.1f})", flush=True)
+    for seed in args.seeds:
+        (tpe, tpe_at, tpe_s, tpe_g), (rnd, rnd_at, rnd_s, rnd_g) = results["tpe", seed], results["random", seed]
+        print(f"seed {seed}, TPE against random: best val_accuracy {tpe - rnd:+.4f} (error rate {(1 - tpe) / (1 - rnd):.2f}x "
+              f"random's), reached after {tpe_at} trials against {rnd_at}; trials 6-16 after epoch 1 {tpe_g - rnd_g:+.4f}; "
+              f"wall time {tpe_s / rnd_s:.2f}x", flush=True)
 
 
 def main() -> None:
@@ -156,6 +172,7 @@ def main() -> None:
     parser.add_argument("--sweep", type=Path, default=ROOT / "params" / "sweeps" / "lr_width.yaml")
     parser.add_argument("--search", type=Path, default=ROOT / "params" / "sweeps" / "lr_search.yaml")
     parser.add_argument("--part", choices=("grid", "search", "both"), default="both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the search part (default 0 1)")
     parser.add_argument("--epochs", type=int, help="override the epochs of every grid point (a shorter sweep)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the grid part, in alternating order (default 2)")
     args = parser.parse_args()
