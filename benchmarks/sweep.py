@@ -18,7 +18,8 @@ Then (--part search or both) params/sweeps/lr_search.yaml, 16 trials with 2 work
 TPE sampler and once with a random sampler, same seed and pruner: the best validation accuracy each
 reaches, after how many trials (by trial number, the order trials started), trials pruned, time.
 
-Results of the grid part before the move to Optuna (the process pool of our own):
+Results on Optuna (2026-11-30, a loaded machine) are in benchmarks/README.md. Results of the grid
+part before the move to Optuna (the process pool of our own), on a quiet machine:
 
 Results, 2 cores, full MNIST, params/sweeps/lr_width.yaml (8 points of 2 epochs, widths 8 and 16).
 `uv run python benchmarks/sweep.py --rounds 1` on 2026-11-27 at 15:38-15:50 UTC, nothing else
