@@ -43,8 +43,9 @@ pull: setup
 registry-sync: setup
 	$(RUN) python -m mnist_lifecycle.registry sync
 
-# A papermill sweep over the training notebook (docs/sweeps.md): make sweep SWEEP=params/sweeps/smoke.yaml
-# WORKERS=2; SWEEP_ARGS=--overwrite reruns into the same sweeps/<name>/. Needs the prepared data only.
+# A sweep of the training notebook on Optuna (docs/sweeps.md): make sweep SWEEP=params/sweeps/smoke.yaml
+# WORKERS=2; run again, it resumes; SWEEP_ARGS=--overwrite starts over, SWEEP_ARGS="--storage URL" joins a
+# team's study. Needs the prepared data only.
 SWEEP ?= params/sweeps/lr_width.yaml
 sweep: setup
 	$(RUN) dvc repro prepare

@@ -1,5 +1,6 @@
-"""Papermill sweeps: checked before anything runs, nested MLflow runs, a failing point recorded
-and passed over, the summary. One 4-point smoke sweep on real MNIST in a copy of the project."""
+"""Sweeps: checked before anything runs, nested MLflow runs, a failing point recorded and passed
+over, the summary, the resume; DVC's queued grid. A 4-point smoke sweep on real MNIST in a copy of
+the project. Studies shared by workers and pruning: test_sweep_study.py."""
 
 import csv
 import json
@@ -32,11 +33,14 @@ def bare_project(tmp_path):
 
 def test_committed_sweep_files_are_valid():
     files = sorted((ROOT / "params" / "sweeps").glob("*.yaml"))
-    assert [f.stem for f in files] == ["lr_width", "smoke"]
-    lr_width = sweep.load_sweep(ROOT, files[0])
+    assert [f.stem for f in files] == ["lr_search", "lr_width", "smoke"]
+    lr_width = sweep.load_sweep(ROOT, files[1])
     assert len(lr_width.points) == 8 and lr_width.swept == ["lr", "width"]
     assert lr_width.points[0].name == "01_lr=0.05_width=8"
     assert lr_width.points[0].params.epochs == config.load(ROOT, "train").epochs  # the base values
+    search = sweep.load_sweep(ROOT, files[0])
+    assert (search.points, search.budget, search.sampler, search.pruner) == ([], 16, "tpe", "median")
+    assert [(d.name, d.log) for d in search.search] == [("lr", True), ("weight_decay", True), ("width", False)]
 
 
 def test_unknown_parameter_stops_the_sweep_naming_it(bare_project, monkeypatch, capsys):
@@ -53,10 +57,19 @@ def test_wrong_type_and_malformed_files_are_explained(bare_project):
         ({"grid": {"lr": [0.1, "fast"]}}, r"point 02_lr=fast: params/sweeps/bad\.yaml:lr = 'fast': must be float, got str"),
         ({"fixed": {"epochs": 1.5}, "points": [{"seed": 1}]}, r"params/sweeps/bad\.yaml:epochs = 1\.5: must be int, got float"),
         ({"grid": {"lr": []}}, r"grid must map each parameter to a non-empty list"),
-        ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate"),
+        ({"grids": {"lr": [0.1]}}, r"unknown key\(s\) grids; a sweep has grid, points, fixed, evaluate, search"),
         ({"fixed": {"epochs": 1}}, r"no points; give a grid, points or both"),
         ({"grid": {"lr": [0.1, 0.0]}}, r"point 02_lr=0\.0: params/sweeps/bad\.yaml:lr = 0\.0: must be a finite "
                                       r"number > 0$"),
+        # Search spaces: each bound and choice is a value of its parameter.
+        ({"search": {"lr": {"low": 0.0, "high": 1.0}}, "trials": 4},
+         r"params/sweeps/bad\.yaml:search:lr = 0\.0: must be a finite number > 0$"),
+        ({"search": {"width": [8, "wide"]}, "trials": 4}, r"search:width = 'wide': must be int, got str"),
+        ({"search": {"lr": {"low": 0.5, "high": 0.1}}, "trials": 4}, r"search\.lr = .*: needs low < high"),
+        ({"search": {"lr": [0.1]}}, r"a search needs trials: a whole number of at least 1, got None"),
+        ({"search": {"lr": [0.1]}, "trials": 2, "grid": {"width": [8]}}, r"either search \(with trials\) or grid"),
+        ({"search": {"lr": [0.1]}, "trials": 2, "pruner": "mean"}, r"pruner must be one of median, none, got 'mean'"),
+        ({"grid": {"lr": [0.1]}, "trials": 2}, r"trials, sampler and seed belong to a search"),
     ]
     for spec, message in cases:
         with pytest.raises(sweep.SweepError, match=message):
@@ -86,9 +99,9 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
                  check=False)
     assert result.returncode == 1, result.stderr[-3000:]  # a point failed
     out = result.stdout
-    assert "4 points, 2 worker(s) x 1 torch thread(s)" in out
-    assert "[3/4 done, 0 running, 1 failed]" in out
-    assert "FAILED 03_lr=100000.0" in out and "FloatingPointError: training diverged" in out
+    assert "4 trials, 2 worker(s) here x 1 torch thread(s)" in out
+    assert "[3/4 done, 0 running, 0 pruned, 1 failed]" in out
+    assert re.search(r"FAILED trial \d 03_lr=100000\.0 after \d+ s: .*FloatingPointError: training diverged", out)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
@@ -128,22 +141,31 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     assert [row["status"] for row in rows] == ["FINISHED"] * 3 + ["FAILED"]
     accuracies = [float(row["val_accuracy"]) for row in rows[:3]]
     assert accuracies == sorted(accuracies, reverse=True)
-    assert list(rows[0])[:4] == ["point", "status", "lr", "augment_shift"]
+    assert list(rows[0])[:5] == ["point", "trial", "status", "lr", "augment_shift"]
     best = by_point[rows[0]["point"]]
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["val_accuracy"]
-    assert parent.data.metrics["points_failed"] == 1
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_pruned"] == 0
     best_yaml = (sweep_dir / "best.yaml").read_text()
     assert best_yaml in out
     best_params = config.as_dict(config.validate("train", yaml.safe_load(best_yaml)))
     assert {name: str(value) for name, value in best_params.items()} == {
         name: best.data.params[name] for name in best_params}
-    assert (sweep_dir / "summary.png").stat().st_size > 10_000
+    views = ["optimization_history.png", "param_importances.png", "parallel_coordinate.png"]
+    for name in ["summary.png", *views]:
+        assert (sweep_dir / name).stat().st_size > 10_000, name
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
-        "summary.csv", "summary.md", "summary.png", "best.yaml", "smoke.yaml"}
+        "summary.csv", "summary.md", "best.yaml", "smoke.yaml", "summary.png", *views}
 
+    # Run again, the study resumes: nothing is left to run, the same summary and parent run.
     again = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file)], path, env, check=False)
-    assert again.returncode == 2 and "exists from an earlier run; pass --overwrite" in again.stderr
+    assert again.returncode == 1 and "started trial" not in again.stdout, again.stdout
+    assert f"MLflow run {parent.info.run_id}" in again.stdout and best_yaml in again.stdout
+    import optuna
+
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    assert len(study.trials) == 4
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
@@ -179,3 +201,4 @@ def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
     # Each run's name says which experiment ran it (the prepare run is the pipeline's).
     assert sorted(r.data.tags["runner"] for r in runs) == sorted(f"dvc exp {name}" for name in names)
     assert all(r.info.run_name.startswith(f"train · dvc exp {r.data.tags['runner'][8:]} · ") for r in runs)
+
