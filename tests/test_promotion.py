@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_lifecycle import aliases, behaviour, config, evaluation, lineage, model, model_card, promotion, registry, training
 
-from .conftest import ROOT, run, set_params
+from .conftest import ROOT, run, set_params, smoke_params
 
 TRAIN_IMAGES = 6000
 WEAK_DIGIT = 3
@@ -37,8 +37,7 @@ def train_model(mnist, seed: int, keep=None) -> model.ProbabilityModel:
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     training.seed_everything(seed)
     classifier = model.DigitClassifier(width=8)
-    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64, lr=0.1,
-                   weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=seed, progress=False)
+    training.train(classifier, images, labels, images[:500], labels[:500], smoke_params(seed=seed), progress=False)
     return model.ProbabilityModel(classifier.eval())
 
 
