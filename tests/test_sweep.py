@@ -77,9 +77,9 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     run(["dvc", "repro", "prepare"], path, env)
     pipeline_metrics = [path / "data" / stage / "metrics.json" for stage in ("model", "evaluation")]
     before = [metrics.read_text() for metrics in pipeline_metrics]  # committed with the project
-    # Three points train; lr=1e5 diverges (NaN loss) and must not stop them.
+    # Three points train; lr=1e20 diverges (NaN loss: Adam steps by about lr) and must not stop them.
     sweep_file = write_sweep(path, "smoke", {
-        "fixed": SMOKE, "grid": {"lr": [0.05, 0.2, 100000.0]}, "points": [{"lr": 0.1, "augment_shift": 2}],
+        "fixed": SMOKE, "grid": {"lr": [0.05, 0.2, 1e20]}, "points": [{"lr": 0.1, "augment_shift": 2}],
         "evaluate": True,
     })
     result = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file), "--workers", "2"], path, env,
@@ -88,7 +88,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     out = result.stdout
     assert "4 points, 2 worker(s) x 1 torch thread(s)" in out
     assert "[3/4 done, 0 running, 1 failed]" in out
-    assert "FAILED 03_lr=100000.0" in out and "FloatingPointError: training diverged" in out
+    assert "FAILED 03_lr=1.0e+20" in out and "FloatingPointError: training diverged" in out
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
@@ -96,11 +96,11 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_point = {c.data.tags["sweep_point"]: c for c in children}
-    assert sorted(by_point) == ["01_lr=0.05", "02_lr=0.2", "03_lr=100000.0", "04_lr=0.1_augment_shift=2"]
+    assert sorted(by_point) == ["01_lr=0.05", "02_lr=0.2", "03_lr=1.0e+20", "04_lr=0.1_augment_shift=2"]
 
-    failed = by_point.pop("03_lr=100000.0")
+    failed = by_point.pop("03_lr=1.0e+20")
     assert failed.info.status == "FAILED" and "training diverged" in failed.data.tags["error"]
-    assert failed.data.params["lr"] == "100000.0"
+    assert failed.data.params["lr"] == "1e+20"
     sweep_dir = path / "sweeps" / "smoke"
     for name, child in by_point.items():
         run_id = child.info.run_id
@@ -117,7 +117,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
         assert evaluation.data.tags["stage"] == "evaluate" and evaluation.data.tags["training_run_id"] == run_id
         assert evaluation.data.metrics["test_accuracy"] == child.data.metrics["test_accuracy"]
         assert (sweep_dir / name / "executed" / "03_evaluate.ipynb").is_file()
-    assert (sweep_dir / "03_lr=100000.0" / "executed" / "02_train.ipynb").is_file()
+    assert (sweep_dir / "03_lr=1.0e+20" / "executed" / "02_train.ipynb").is_file()
     assert by_point["04_lr=0.1_augment_shift=2"].data.params["augment_shift"] == "2"
     # The pipeline's own outputs are untouched.
     assert not (path / "data" / "model" / "model.json").exists()
