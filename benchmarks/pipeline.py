@@ -31,26 +31,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_lifecycle import config, data, model, training  # noqa: E402
+from benchmarks import training_peer  # noqa: E402
+from mnist_lifecycle import config, data, presets  # noqa: E402
 from tests.conftest import copy_project, project_env  # noqa: E402
 
 
 def train_and_test(prepared: Path, params: dict) -> dict:
     """The train notebook's computation, in-process: training seconds and test accuracy."""
-    params = config.as_dict(config.validate("train", params))
-    splits = {s: [torch.from_numpy(a) for a in data.load_split(prepared, s)] for s in data.SPLITS}
-    training.seed_everything(params["seed"])
-    classifier = model.DigitClassifier(width=params["width"], dropout=params["dropout"])
-    history = training.train(
-        classifier, *splits["train"], *splits["val"], progress=False,
-        **{k: params[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing",
-                                  "augment_shift", "seed")},
-    )
-    classifier.eval()
-    probabilities = model.predict_probabilities(model.ProbabilityModel(classifier), splits["test"][0])
-    accuracy = (probabilities.argmax(1) == splits["test"][1].long()).float().mean().item()
-    return {"seed": params["seed"], "train_seconds": round(sum(h.seconds for h in history), 1),
-            "test_accuracy": round(accuracy, 4)}
+    row = training_peer.project_run(prepared, config.validate("train", params))
+    return {**row, "train_seconds": round(row["train_seconds"], 1)}
 
 
 def timed(command: list[str], cwd: Path, env: dict) -> float:
@@ -133,7 +122,7 @@ def main() -> None:
             print(f"default params, seed {seed}: {row}", flush=True)
             results["default_seeds"].append(row)
         if not args.quick:
-            accurate = yaml.safe_load((ROOT / "params" / "presets" / "accurate.yaml").read_text())
+            accurate = config.as_dict(presets.params(ROOT, "accurate"))
             results["accurate_preset"] = train_and_test(prepared, accurate)
             print(f"accurate preset: {results['accurate_preset']}", flush=True)
 

@@ -18,6 +18,14 @@ VENV_BIN = Path(sys.executable).parent
 SMOKE_TRAIN = {"epochs": 1, "max_train_samples": 3000, "width": 8, "batch_size": 64}
 
 
+def smoke_params(**changes):
+    """The default training recipe (params/train.yaml) at smoke scale, for tests that train in-process."""
+    from mnist_lifecycle import config
+
+    values = yaml.safe_load((ROOT / "params" / "train.yaml").read_text())
+    return config.validate("train", {**values, **SMOKE_TRAIN, **changes})
+
+
 @pytest.fixture(scope="session")
 def mnist_source() -> Path:
     """$MNIST_SOURCE_DIR, else MNIST downloaded once (as the prepare stage does) into a cache."""

@@ -12,6 +12,8 @@ import torch
 
 from mnist_lifecycle import calibration, data, model, training
 
+from .conftest import smoke_params
+
 
 @pytest.fixture(scope="module")
 def fitted(mnist_source):
@@ -20,8 +22,7 @@ def fitted(mnist_source):
     images, labels = torch.from_numpy(train_images[:4000]), torch.from_numpy(train_labels[:4000])
     training.seed_everything(0)
     classifier = model.DigitClassifier(width=8)
-    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64, lr=0.1,
-                   weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=0, progress=False)
+    training.train(classifier, images, labels, images[:500], labels[:500], smoke_params(seed=0), progress=False)
     # Validation: training images the model did not see.
     val_images, val_labels = train_images[50_000:55_000], train_labels[50_000:55_000]
     temperature = calibration.fit_temperature(calibration.logits_of(classifier, val_images), val_labels)

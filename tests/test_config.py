@@ -1,13 +1,16 @@
 """Parameters: params/ files, the dataclasses and the notebooks' parameters cells agree."""
 
+import os
+import re
 import subprocess
+import sys
 from dataclasses import fields
 
 import papermill
 import pytest
 import yaml
 
-from mnist_lifecycle import config
+from mnist_lifecycle import config, presets
 
 from .conftest import ROOT
 
@@ -59,11 +62,35 @@ def test_params_hash_is_stable_and_sensitive():
     assert config.params_hash(changed) != config.params_hash(params)
 
 
-def test_presets_are_valid_train_parameters():
-    presets = sorted((ROOT / "params" / "presets").glob("*.yaml"))
-    assert presets
-    for preset in presets:
-        config.validate("train", yaml.safe_load(preset.read_text()))
+def test_presets_change_only_what_differs_and_apply_as_dvc_arguments():
+    default = yaml.safe_load((ROOT / "params" / "train.yaml").read_text())
+    assert presets.names(ROOT)
+    for name in presets.names(ROOT):
+        changes = yaml.safe_load(presets.preset_path(ROOT, name).read_text())
+        # A partial override: every value it lists differs from the default, the rest is the default's.
+        assert changes and all(default[key] != value for key, value in changes.items()), name
+        assert config.as_dict(presets.params(ROOT, name)) == {**default, **changes}
+        arguments = presets.set_arguments(ROOT, name)
+        assert arguments[::2] == ["-S"] * len(changes)
+        assert {a.split(":", 1)[1].split("=")[0]: yaml.safe_load(a.split("=", 1)[1]) for a in arguments[1::2]} == changes
+
+
+def test_bad_presets_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "params" / "presets").mkdir(parents=True)
+    (tmp_path / "params" / "train.yaml").write_text((ROOT / "params" / "train.yaml").read_text())
+    with pytest.raises(config.ParamsError, match=r"^params/presets/fast\.yaml: no such preset"):
+        presets.params(tmp_path, "fast")
+    (tmp_path / "params" / "presets" / "typo.yaml").write_text("epoch: 3\n")
+    with pytest.raises(config.ParamsError, match=r"^params/presets/typo\.yaml: unknown parameter\(s\) train\.epoch;"):
+        presets.set_arguments(tmp_path, "typo")
+    (tmp_path / "params" / "presets" / "wide.yaml").write_text("width: 12\n")
+    with pytest.raises(config.ParamsError, match=r"^params/presets/wide\.yaml:width = 12: must be a multiple of 8"):
+        presets.set_arguments(tmp_path, "wide")
+    # The command stops before DVC starts, with the message.
+    result = subprocess.run([sys.executable, "-m", "mnist_lifecycle.presets", "wide"], cwd=tmp_path,
+                            capture_output=True, text=True, env={**os.environ, "MNIST_PROJECT_ROOT": str(tmp_path)})
+    assert result.returncode == 1 and "params/presets/wide.yaml:width = 12" in result.stderr
+    assert "dvc exp run" not in result.stdout
 
 
 # (stage, parameter, refused values, accepted values, the allowed range as the message says it).
@@ -115,8 +142,8 @@ def test_out_of_range_values_are_refused_naming_file_parameter_value_and_range(s
 
 def test_load_names_the_file_it_read(tmp_path):
     (tmp_path / "params").mkdir()
-    (tmp_path / "params" / "train.yaml").write_text((ROOT / "params" / "train.yaml").read_text()
-                                                    .replace("batch_size: 128", "batch_size: 0"))
+    (tmp_path / "params" / "train.yaml").write_text(re.sub(r"(?m)^batch_size: \d+", "batch_size: 0",
+                                                           (ROOT / "params" / "train.yaml").read_text()))
     with pytest.raises(config.ParamsError, match=r"^params/train\.yaml:batch_size = 0: must be an integer "
                                                  r"from 1 to 60,000$"):
         config.load(tmp_path, "train")

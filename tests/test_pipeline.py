@@ -66,7 +66,7 @@ def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
                                               str(path.parent / "html")))
         assert html.read_text().count("data:image/png;base64,") >= len(figure_cells)
     assert figures == 6  # samples, learning curves, reliability, behaviour, confusion matrix, misclassified digits
-    assert train_run.info.run_name.startswith("train · pipeline · epochs=1 lr=0.1 width=8 max_train_samples=3000 · ")
+    assert train_run.info.run_name.startswith("train · pipeline · epochs=1 lr=0.01 width=8 max_train_samples=3000 · ")
     assert int(train_run.data.params["epochs"]) == 1
     assert "val_accuracy" in train_run.data.metrics
     assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_lifecycle import data, guardrails, model, registry, serving, training
 
-from .conftest import ROOT, VENV_BIN, isolated_env
+from .conftest import ROOT, VENV_BIN, isolated_env, smoke_params
 from .servers import Server, free_port
 
 TEST_IMAGES = 1200
@@ -63,8 +63,7 @@ def champion(tmp_path_factory, mnist):
     images, labels = (torch.from_numpy(a[:4000]) for a in (train_images, train_labels))
     training.seed_everything(0)
     classifier = model.DigitClassifier(width=8)
-    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64,
-                   lr=0.1, weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=0, progress=False)
+    training.train(classifier, images, labels, images[:500], labels[:500], smoke_params(seed=0), progress=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         mlflow.set_experiment("serving-test")  # artifacts beside the database, in the temp dir
@@ -569,8 +568,7 @@ def train_and_register(images, labels, seed: int, tags: dict) -> str:
     training.seed_everything(seed)
     classifier = model.DigitClassifier(width=8)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-    training.train(classifier, images, labels, images[:500], labels[:500], epochs=1, batch_size=64,
-                   lr=0.1, weight_decay=5e-4, label_smoothing=0.1, augment_shift=0, seed=seed, progress=False)
+    training.train(classifier, images, labels, images[:500], labels[:500], smoke_params(seed=seed), progress=False)
     with mlflow.start_run():
         info = model.log_classifier(model.ProbabilityModel(classifier.eval()), images[:5].numpy())
     version = mlflow.register_model(info.model_uri, "mnist-digits").version

@@ -36,7 +36,7 @@ def test_committed_sweep_files_are_valid():
     assert [f.stem for f in files] == ["lr_search", "lr_width", "smoke"]
     lr_width = sweep.load_sweep(ROOT, files[1])
     assert len(lr_width.points) == 8 and lr_width.swept == ["lr", "width"]
-    assert lr_width.points[0].name == "01_lr=0.05_width=8"
+    assert lr_width.points[0].name == "01_lr=0.003_width=8"
     assert lr_width.points[0].params.epochs == config.load(ROOT, "train").epochs  # the base values
     search = sweep.load_sweep(ROOT, files[0])
     assert (search.points, search.budget, search.sampler, search.pruner) == ([], 16, "tpe", "median")
@@ -90,9 +90,9 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     run(["dvc", "repro", "prepare"], path, env)
     pipeline_metrics = [path / "data" / stage / "metrics.json" for stage in ("model", "evaluation")]
     before = [metrics.read_text() for metrics in pipeline_metrics]  # committed with the project
-    # Three points train; lr=1e5 diverges (NaN loss) and must not stop them.
+    # Three points train; lr=1e20 diverges (NaN loss: Adam steps by about lr) and must not stop them.
     sweep_file = write_sweep(path, "smoke", {
-        "fixed": SMOKE, "grid": {"lr": [0.05, 0.2, 100000.0]}, "points": [{"lr": 0.1, "augment_shift": 2}],
+        "fixed": SMOKE, "grid": {"lr": [0.05, 0.2, 1e20]}, "points": [{"lr": 0.1, "augment_shift": 2}],
         "evaluate": True,
     })
     result = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file), "--workers", "2"], path, env,
@@ -101,7 +101,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     out = result.stdout
     assert "4 trials, 2 worker(s) here x 1 torch thread(s)" in out
     assert "[3/4 done, 0 running, 0 pruned, 1 failed]" in out
-    assert re.search(r"FAILED trial \d 03_lr=100000\.0 after \d+ s: .*FloatingPointError: training diverged", out)
+    assert re.search(r"FAILED trial \d 03_lr=1\.0e\+20 after \d+ s: .*FloatingPointError: training diverged", out)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
@@ -109,11 +109,11 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_point = {c.data.tags["sweep_point"]: c for c in children}
-    assert sorted(by_point) == ["01_lr=0.05", "02_lr=0.2", "03_lr=100000.0", "04_lr=0.1_augment_shift=2"]
+    assert sorted(by_point) == ["01_lr=0.05", "02_lr=0.2", "03_lr=1.0e+20", "04_lr=0.1_augment_shift=2"]
 
-    failed = by_point.pop("03_lr=100000.0")
+    failed = by_point.pop("03_lr=1.0e+20")
     assert failed.info.status == "FAILED" and "training diverged" in failed.data.tags["error"]
-    assert failed.data.params["lr"] == "100000.0"
+    assert failed.data.params["lr"] == "1e+20"
     sweep_dir = path / "sweeps" / "smoke"
     for name, child in by_point.items():
         run_id = child.info.run_id
@@ -130,7 +130,7 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
         assert evaluation.data.tags["stage"] == "evaluate" and evaluation.data.tags["training_run_id"] == run_id
         assert evaluation.data.metrics["test_accuracy"] == child.data.metrics["test_accuracy"]
         assert (sweep_dir / name / "executed" / "03_evaluate.ipynb").is_file()
-    assert (sweep_dir / "03_lr=100000.0" / "executed" / "02_train.ipynb").is_file()
+    assert (sweep_dir / "03_lr=1.0e+20" / "executed" / "02_train.ipynb").is_file()
     assert by_point["04_lr=0.1_augment_shift=2"].data.params["augment_shift"] == "2"
     # The pipeline's own outputs are untouched.
     assert not (path / "data" / "model" / "model.json").exists()

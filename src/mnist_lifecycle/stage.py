@@ -2,7 +2,7 @@
 point of a sweep: one executor, one error report, one way of recording.
 
     python -m mnist_lifecycle.stage train
-    python -m mnist_lifecycle.stage train --set lr=0.2 --output-dir sweeps/s/01 --parent-run ID
+    python -m mnist_lifecycle.stage train --set lr=0.02 --output-dir sweeps/s/01 --parent-run ID
 
 1. validates `params/<stage>.yaml` with the `--set` overrides (a bad value stops here, before a
    kernel starts);

@@ -7,17 +7,17 @@ by workers on one or many machines against one study in a database.
 A sweep file names the points (see params/sweeps/ and docs/sweeps.md):
 
     grid:               # every combination of these values...
-      lr: [0.05, 0.1, 0.2, 0.4]
+      lr: [0.003, 0.01, 0.03, 0.1]
       width: [8, 16]
     points:             # ...and/or these parameter sets, as listed
-      - {lr: 0.1, augment_shift: 2}
+      - {lr: 0.01, augment_shift: 2}
     fixed: {epochs: 1}  # set for every trial (optional)
     evaluate: false     # also run notebooks/03_evaluate.ipynb on each trial's model (optional)
 
 or, instead of grid and points, a search space with a budget:
 
     search:
-      lr: {low: 0.01, high: 1.0, log: true}
+      lr: {low: 0.001, high: 0.1, log: true}
       width: [8, 16, 32]  # choices
     trials: 16
     sampler: tpe          # or random; seeded by `seed` (default 0)
@@ -691,7 +691,7 @@ def summary_figure(title: str, outcomes: list[Outcome], swept: list[str], log_sc
             x = {value: value for value in values}
             if name in log_scale:
                 axis.set_xscale("log")
-        else:  # a grid's values evenly spaced: learning rates 0.05..0.4 or widths 8..32 stay readable
+        else:  # a grid's values evenly spaced: learning rates 0.003..0.1 or widths 8..32 stay readable
             x = {value: index for index, value in enumerate(values)}
             axis.set_xticks(range(len(values)), [_yaml_value(v) for v in values])
         axis.plot([x[getattr(o.point.params, name)] for o in finished],

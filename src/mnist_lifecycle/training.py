@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import TrainParams
 from .model import DigitClassifier, ProbabilityModel, predict_probabilities
 
 
@@ -52,27 +53,27 @@ def train(
     train_labels: torch.Tensor,
     val_images: torch.Tensor,
     val_labels: torch.Tensor,
+    params: TrainParams,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    label_smoothing: float,
-    augment_shift: int,
-    seed: int,
     on_epoch_end: Callable[[EpochResult], None] = lambda result: None,
     progress: bool = True,
 ) -> list[EpochResult]:
-    """SGD with Nesterov momentum under a one-cycle learning-rate schedule."""
-    generator = torch.Generator().manual_seed(seed)
+    """Adam under a one-cycle learning-rate schedule, batches drawn in a new order each epoch.
+
+    Adam with a short memory (betas 0.7, 0.9) and no momentum cycling, as in the fastest published
+    MNIST recipe (tuomaso/train_mnist_fast), reaches 99% in one epoch where SGD with Nesterov
+    momentum needs two (benchmarks/README.md). `max_train_samples` and the model's width are the
+    caller's: it passes the images and the model.
+    """
+    epochs, batch_size, lr = params.epochs, params.batch_size, params.lr
+    generator = torch.Generator().manual_seed(params.seed)
     images = train_images.to(torch.float32)
     labels = train_labels.to(torch.int64)
     steps_per_epoch = (len(images) + batch_size - 1) // batch_size
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
-    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25,
+        cycle_momentum=False,
     )
     history = []
     for epoch in range(1, epochs + 1):
@@ -84,9 +85,9 @@ def train(
                        leave=False)
         for step in batches:
             index = order[step * batch_size : (step + 1) * batch_size]
-            batch = random_shift(images[index], augment_shift, generator)
+            batch = random_shift(images[index], params.augment_shift, generator)
             logits = model(batch)
-            loss = F.cross_entropy(logits, labels[index], label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, labels[index], label_smoothing=params.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
