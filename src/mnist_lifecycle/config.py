@@ -198,6 +198,12 @@ def validate(stage: str, values: dict[str, Any], source: str | None = None):
     return params_class(**checked)
 
 
+def yaml_value(value: Any) -> str:
+    """A value as params/*.yaml would hold it (1e-05 as 1.0e-05, which YAML reads back as a float):
+    for `dvc exp run -S`, the runner's --set, and files written from parameters."""
+    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+
+
 def params_path(root: Path, stage: str) -> Path:
     return root / "params" / f"{stage}.yaml"
 

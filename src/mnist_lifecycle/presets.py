@@ -60,7 +60,7 @@ def set_arguments(root: Path, name: str) -> list[str]:
     """`dvc exp run` arguments that set the preset's values in params/train.yaml."""
     params(root, name)  # the merged values must pass before DVC writes any of them
     return [argument for key, value in changes(root, name).items()
-            for argument in ("-S", f"params/train.yaml:{key}={yaml.safe_dump(value).splitlines()[0]}")]
+            for argument in ("-S", f"params/train.yaml:{key}={config.yaml_value(value)}")]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,17 +86,6 @@ def run_cell_filler(opening: Future):
     return fill
 
 
-def record_notebook(client, run_id: str, notebook: Path, failed: bool, exporter=None) -> None:
-    """Log the executed notebook (ipynb and HTML) to the stage's run and end the run."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    client.log_artifact(run_id, str(notebook), "notebook")
-    html, _ = (exporter or HTMLExporter()).from_notebook_node(nbformat.read(notebook, as_version=4))
-    client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
 def start_kernel(root: Path) -> AsyncKernelManager:
     """The notebooks' kernel (kernelspec python3: this environment's ipykernel), started in `root`
     with the environment as it is now, without waiting for it to be ready."""
@@ -170,22 +159,26 @@ def run_stage(root: Path, stage: str, log_output: bool = True, *, overrides: dic
         record.unlink(missing_ok=True)  # an earlier execution's
         client, run_id, exporter = opening.result()  # raises if the run could not be created
         if partial.is_file():  # whole: executed to the end, or to where it failed
-            _name_source(partial, notebook)
+            executed = _name_source(partial, notebook)
             os.replace(partial, output)
-            record_notebook(client, run_id, output, failed, exporter)
+            client.log_artifact(run_id, str(output), "notebook")
+            client.log_text(run_id, exporter.from_notebook_node(executed)[0], f"notebook/{output.stem}.html")
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
         else:
             client.set_terminated(run_id, status="FAILED")
         outputs.write_json(record, {"mlflow_run_id": run_id})
     return run_id
 
 
-def _name_source(executed: Path, notebook: Path) -> None:
-    """Name the project's notebook, not its prepared copy, as the executed notebook's input."""
+def _name_source(executed: Path, notebook: Path):
+    """Name the project's notebook, not its prepared copy, as the executed notebook's input;
+    returns the executed notebook."""
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
     nb.metadata.setdefault("papermill", {})["input_path"] = str(notebook)
     nbformat.write(nb, executed)
+    return nb
 
 
 def failure_message(stage: str, exc: BaseException, executed: Path) -> str | None:

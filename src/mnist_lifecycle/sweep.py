@@ -144,14 +144,9 @@ def _shown(root: Path, path: Path) -> Path:
     return path.relative_to(root) if path.is_relative_to(root) else path
 
 
-def _yaml_value(value: Any) -> str:
-    """A value as YAML writes it: 1e-05 becomes 1.0e-05, which YAML reads back as a float."""
-    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
-
-
 def _point_name(index: int, values: dict[str, Any]) -> str:
     shown = {name: float(f"{value:.4g}") if isinstance(value, float) else value for name, value in values.items()}
-    return "_".join([f"{index:02d}", *(f"{name}={_yaml_value(value)}" for name, value in shown.items())])
+    return "_".join([f"{index:02d}", *(f"{name}={config.yaml_value(value)}" for name, value in shown.items())])
 
 
 def _search_space(shown: Path, search: Any, base: dict[str, Any]) -> list[Dimension]:
@@ -266,7 +261,7 @@ def best_params_yaml(root: Path, params: config.TrainParams) -> str:
     for line in config.params_path(root, "train").read_text().splitlines():
         match = re.match(r"^(\w+):(\s*)([^#]*?)(\s*#.*)?$", line)
         if match and match[1] in values:
-            line = f"{match[1]}:{match[2] or ' '}{_yaml_value(values[match[1]])}{match[4] or ''}"
+            line = f"{match[1]}:{match[2] or ' '}{config.yaml_value(values[match[1]])}{match[4] or ''}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -389,10 +384,10 @@ class Worker:
         """One stage of a trial, through the stage runner in a process of its own (each kernel gets
         its own threads); (its MLflow run id, error or "")."""
         log = trial_dir / f"{config.NOTEBOOKS[stage]}.log"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri,
+        env = {**os.environ,  # with $MLFLOW_TRACKING_URI (use_default_tracking_uri)
                "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads), **extra_env}
         command = [sys.executable, "-m", "mnist_lifecycle.stage", stage, "--output-dir", str(trial_dir),
-                   "--parent-run", parent_id, *(f"--set={name}={_yaml_value(value)}" for name, value in overrides.items())]
+                   "--parent-run", parent_id, *(f"--set={name}={config.yaml_value(value)}" for name, value in overrides.items())]
         with log.open("w") as stream:
             result = subprocess.run(command, cwd=self.root, env=env, stdout=stream, stderr=subprocess.STDOUT,
                                     preexec_fn=_die_with_parent)
@@ -693,7 +688,7 @@ def summary_figure(title: str, outcomes: list[Outcome], swept: list[str], log_sc
                 axis.set_xscale("log")
         else:  # a grid's values evenly spaced: learning rates 0.003..0.1 or widths 8..32 stay readable
             x = {value: index for index, value in enumerate(values)}
-            axis.set_xticks(range(len(values)), [_yaml_value(v) for v in values])
+            axis.set_xticks(range(len(values)), [config.yaml_value(v) for v in values])
         axis.plot([x[getattr(o.point.params, name)] for o in finished],
                   [o.metrics["val_accuracy"] for o in finished], "o", alpha=0.6, label="trial")
         if len(values) <= 8:
