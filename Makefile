@@ -65,9 +65,9 @@ $(VEGA)/vega-embed.min.js:
 			> $(VEGA)/$$(basename $${package%-*}).min.js || exit 1; \
 	done
 
-# Test modules spread over the cores (pytest-xdist; a module's servers stay in one worker).
+# Tests spread over the cores (pytest-xdist; tests/conftest.py schedules them: modules with servers in one worker).
 test: setup
-	$(RUN) pytest -n auto --dist loadfile
+	$(RUN) pytest -n auto
 
 # The unit tests only (no pipeline, no servers, no browser): about half a minute, for quick feedback.
 FAST_TESTS = tests/test_config.py tests/test_data.py tests/test_model.py tests/test_outputs.py tests/test_environment.py

@@ -1,11 +1,16 @@
-"""Shared fixtures: real MNIST from $MNIST_SOURCE_DIR, and throwaway copies of the project."""
+"""Shared fixtures: real MNIST from $MNIST_SOURCE_DIR, throwaway copies of the project, and one
+finished smoke pipeline per test session that tests copy instead of each running its own."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,35 @@ VENV_BIN = Path(sys.executable).parent
 
 # Smoke configuration: the real data, a few thousand training images, one small epoch.
 SMOKE_TRAIN = {"epochs": 1, "max_train_samples": 3000, "width": 8, "batch_size": 64}
+
+
+# `make test` spreads the tests over the cores one by one (pytest -n auto, the scheduler below), except
+# that the tests of a module that starts servers or trains models once for all of them stay in one
+# worker. xdist hands those modules out first (the most tests first); the other tests follow in this
+# order, longest first, so that the workers finish together, and those that copy the smoke pipeline
+# after a few that do not, while it builds.
+MODULES_IN_ONE_WORKER = ("test_browser.py", "test_calibration.py", "test_promotion.py", "test_serving.py",
+                         "test_tracking_server.py")
+LONGEST_FIRST = ("test_notebooks.py", "test_lineage.py", "test_sweep_study.py", "test_sweep.py",
+                 "test_reliability.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own --dist loadgroup cannot be used: it marks groups in Item._nodeid, which pytest 9.2
+    # no longer reads.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesWithFixturesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if Path(module).name in MODULES_IN_ONE_WORKER else nodeid
+
+    return ModulesWithFixturesTogether(config, log)
 
 
 def smoke_params(**changes):
@@ -76,9 +110,14 @@ def set_params(project: Path, stage: str, **values) -> None:
 
 def isolated_env(**extra: str) -> dict[str, str]:
     """This process's environment without what points at a tracking store, project or model
-    (MLFLOW_*, MNIST_PROJECT_ROOT, MODEL_URI, MNIST_SERVING_*), with the venv first on PATH."""
+    (MLFLOW_*, MNIST_PROJECT_ROOT, MODEL_URI, MNIST_SERVING_*), with the venv first on PATH and one
+    torch thread."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "MNIST_SERVING_")) and k not in ("MNIST_PROJECT_ROOT", "MODEL_URI")}
+    # One torch thread in each command (pipelines, sweeps, servers), as sweep workers have: the tests
+    # run side by side on every core (make test), and two threads per process that wait on each
+    # other spin on the cores the other tests need.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", **extra)
     return env
 
@@ -103,4 +142,72 @@ def project(tmp_path, mnist_source):
     """A fresh copy of the project with smoke training parameters; yields (path, env)."""
     path = copy_project(tmp_path / "project")
     set_params(path, "train", **SMOKE_TRAIN)
+    return path, project_env(path, mnist_source)
+
+
+def build_smoke_pipeline(shared: Path, mnist_source: Path) -> Path:
+    """The shared smoke pipeline in `shared`, built by the first process to ask; the others wait."""
+    template = shared / "smoke-pipeline"
+    with (shared / "smoke-pipeline.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "smoke-pipeline.done"
+        if not done.exists():
+            shutil.rmtree(template, ignore_errors=True)  # a failed attempt's
+            copy_project(template)
+            set_params(template, "train", **SMOKE_TRAIN)
+            run(["dvc", "repro"], template, project_env(template, mnist_source))
+            with sqlite3.connect(template / "mlflow.db") as store:  # the whole store in mlflow.db, for copying
+                store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            done.touch()
+    return template
+
+
+def shared_directory(tmp_path_factory) -> Path:
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared  # common to xdist's workers
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_smoke_pipeline(request, tmp_path_factory):
+    """Builds the smoke pipeline in the background from the session's first test on, if any test
+    needs it: the workers go on with other tests meanwhile."""
+    if any("smoke_pipeline" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        arguments = (shared_directory(tmp_path_factory), request.getfixturevalue("mnist_source"))
+        # A failure here is raised again, with its output, by the first test that needs the pipeline.
+        threading.Thread(target=lambda: contextlib.suppress(Exception)(build_smoke_pipeline)(*arguments),
+                         daemon=True).start()
+
+
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory, mnist_source) -> Path:
+    """A copy of the project with the smoke parameters after a whole `dvc repro` (its own sqlite
+    store), made once per test session, shared by pytest-xdist's workers and never changed: tests
+    take a copy of it (`finished_project`)."""
+    return build_smoke_pipeline(shared_directory(tmp_path_factory), mnist_source)
+
+
+def copy_pipeline(template: Path, destination: Path) -> Path:
+    """A copy of a project directory with its DVC cache and tracking store. MLflow records artifact
+    locations as absolute file URIs (runs, logged models, model versions): they are moved to the copy."""
+    dvc_tmp = template / ".dvc" / "tmp"  # DVC's locks and indexes, for the template's path
+    shutil.copytree(template, destination, symlinks=True,
+                    ignore=lambda directory, names: ["tmp"] if Path(directory) == dvc_tmp.parent else [])
+    old, new = str(template), str(destination)
+    with sqlite3.connect(destination / "mlflow.db") as store:
+        tables = [name for (name,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in store.execute(f"PRAGMA table_info('{table}')").fetchall():
+                if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                    store.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?) '
+                                  f'WHERE instr("{column[1]}", ?) > 0', (old, new, old))
+    for mlmodel in (destination / "mlartifacts").rglob("MLmodel"):
+        mlmodel.write_text(mlmodel.read_text().replace(old, new))
+    return destination
+
+
+@pytest.fixture
+def finished_project(tmp_path, smoke_pipeline, mnist_source):
+    """A copy of the session's finished smoke pipeline (prepared data, model, evaluation, registered
+    @champion, MLflow runs); yields (path, env)."""
+    path = copy_pipeline(smoke_pipeline, tmp_path / "project")
     return path, project_env(path, mnist_source)

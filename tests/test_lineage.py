@@ -35,10 +35,9 @@ def versions(client: MlflowClient) -> list[int]:
     return sorted(int(v.version) for v in client.search_model_versions("name = 'mnist-digits'"))
 
 
-def test_checkout_restores_models_and_the_registry_is_held_to_decision_json(project):
-    path, env = project
+def test_checkout_restores_models_and_the_registry_is_held_to_decision_json(finished_project):
+    path, env = finished_project  # after `dvc repro`
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
-    run(["dvc", "repro"], path, env)
     git(path, "add", "-A")
     git(path, "commit", "-m", "first model")
     first = locked_model_md5(path)
@@ -108,9 +107,8 @@ def test_checkout_restores_models_and_the_registry_is_held_to_decision_json(proj
     assert versions(client) == [1, 2] and registry(path, env, "check").returncode == 0
 
 
-def test_stores_that_do_not_match_stop_with_what_to_do(project, tmp_path):
-    path, env = project
-    run(["dvc", "repro"], path, env)
+def test_stores_that_do_not_match_stop_with_what_to_do(finished_project, tmp_path):
+    path, env = finished_project  # after `dvc repro`
     register = ["python", "-m", "mnist_lifecycle.stage", "register", "--quiet"]
 
     # Another store, which lacks the model train logged: register stops naming it.
@@ -145,11 +143,10 @@ def test_stores_that_do_not_match_stop_with_what_to_do(project, tmp_path):
     assert result.returncode == 1 and "the directory was changed; `dvc checkout` restores it" in result.stderr
 
 
-def test_default_remote_shares_outputs_and_catches_a_corrupt_object(project, tmp_path):
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
+def test_default_remote_shares_outputs_and_catches_a_corrupt_object(finished_project, tmp_path):
+    path, env = finished_project  # after `dvc repro`
     git(path, "add", "-A")
-    git(path, "commit", "-m", "prepared")
+    git(path, "commit", "-m", "pipeline")
     # .dvc/config's default remote: a directory beside the clone.
     remote = path.parent / "mnist-lifecycle-dvc-remote"
     run(["dvc", "push"], path, env)

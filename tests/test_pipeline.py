@@ -1,5 +1,6 @@
-"""End to end: `dvc repro` in a copy of the project on real MNIST (smoke training parameters),
-then what MLflow and the registry hold, what DVC reruns, and how failures are reported."""
+"""End to end: `dvc repro` in a copy of the project on real MNIST (smoke training parameters, the
+session's shared run), then what MLflow and the registry hold, what DVC reruns, and how failures
+are reported."""
 
 import gzip
 import json
@@ -26,9 +27,8 @@ def stage_runs(client, stage):
                               order_by=["attributes.start_time DESC"])
 
 
-def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(project):
-    path, env = project
-    run(["dvc", "repro"], path, env)
+def test_dvc_repro_tracks_registers_and_reruns_only_what_changed(finished_project):
+    path, env = finished_project  # after `dvc repro` (conftest.smoke_pipeline)
 
     metrics = json.loads((path / "data" / "evaluation" / "metrics.json").read_text())["test"]
     assert 0.9 < metrics["accuracy"] <= 1.0  # 3,000 training images, one epoch of a small net

@@ -75,16 +75,17 @@ def partial_files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in (path / "data").rglob("*.partial*"))
 
 
-def test_killed_training_is_closed_and_a_rerun_recovers(project):
-    path, env = project
+def test_killed_training_is_closed_and_a_rerun_recovers(finished_project):
+    path, env = finished_project  # after `dvc repro`: one finished train run
     set_params(path, "train", epochs=3)  # a few seconds of training left after the first epoch
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     locked_train = yaml.safe_load((path / "dvc.lock").read_text())["stages"]["train"]
+    (trained_before,) = (r.info.run_id for r in train_runs(client))
 
     # 1. kill -9 the papermill kernel mid-training: the stage runner survives and records the failure.
     repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    killed_kernel = wait_for_training(client, set(), repro)
+    killed_kernel = wait_for_training(client, {trained_before}, repro)
     os.kill(int(killed_kernel.data.tags["kernel_pid"]), signal.SIGKILL)
     _, stderr = repro.communicate(timeout=300)
     assert repro.returncode != 0
@@ -101,7 +102,7 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     # 2. kill -9 the whole `dvc repro` (its process group: dvc, the stage runner) mid-training.
     repro = subprocess.Popen(["dvc", "repro"], cwd=path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    killed_all = wait_for_training(client, {killed_kernel.info.run_id}, repro)
+    killed_all = wait_for_training(client, {trained_before, killed_kernel.info.run_id}, repro)
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
     wait_gone(int(killed_all.data.tags["kernel_pid"]))  # the kernel follows its stage runner
@@ -112,7 +113,7 @@ def test_killed_training_is_closed_and_a_rerun_recovers(project):
     # 3. The next `dvc repro` closes the abandoned run and trains again (the later stages are
     #    the same as in test_pipeline.py, so they are left out here).
     run(["dvc", "repro", "train"], path, env)
-    statuses = {r.info.run_id: r.info.status for r in train_runs(client)}
+    statuses = {r.info.run_id: r.info.status for r in train_runs(client) if r.info.run_id != trained_before}
     assert statuses.pop(killed_kernel.info.run_id) == "FAILED"
     assert statuses.pop(killed_all.info.run_id) == "KILLED"
     assert list(statuses.values()) == ["FINISHED"]

@@ -85,23 +85,23 @@ def test_best_params_keep_the_train_yaml_comments():
     assert [line.split(":")[0] for line in text.splitlines()] == [line.split(":")[0] for line in original]
 
 
-def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project):
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
-    pipeline_metrics = [path / "data" / stage / "metrics.json" for stage in ("model", "evaluation")]
-    before = [metrics.read_text() for metrics in pipeline_metrics]  # committed with the project
-    # Three points train; lr=1e20 diverges (NaN loss: Adam steps by about lr) and must not stop them.
+def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(finished_project):
+    path, env = finished_project  # after `dvc repro`: the sweep must leave the pipeline's outputs alone
+    pipeline_outputs = [path / "data" / name for name in ("model/metrics.json", "model/model.json",
+                                                          "evaluation/metrics.json", "registry/decision.json")]
+    before = [output.read_text() for output in pipeline_outputs]
+    # Two points train; lr=1e20 diverges (NaN loss: Adam steps by about lr) and must not stop them.
     sweep_file = write_sweep(path, "smoke", {
-        "fixed": SMOKE, "grid": {"lr": [0.05, 0.2, 1e20]}, "points": [{"lr": 0.1, "augment_shift": 2}],
+        "fixed": SMOKE, "grid": {"lr": [0.05, 1e20]}, "points": [{"lr": 0.1, "augment_shift": 2}],
         "evaluate": True,
     })
     result = run(["python", "-m", "mnist_lifecycle.sweep", str(sweep_file), "--workers", "2"], path, env,
                  check=False)
     assert result.returncode == 1, result.stderr[-3000:]  # a point failed
     out = result.stdout
-    assert "4 trials, 2 worker(s) here x 1 torch thread(s)" in out
-    assert "[3/4 done, 0 running, 0 pruned, 1 failed]" in out
-    assert re.search(r"FAILED trial \d 03_lr=1\.0e\+20 after \d+ s: .*FloatingPointError: training diverged", out)
+    assert "3 trials, 2 worker(s) here x 1 torch thread(s)" in out
+    assert "[2/3 done, 0 running, 0 pruned, 1 failed]" in out
+    assert re.search(r"FAILED trial \d 02_lr=1\.0e\+20 after \d+ s: .*FloatingPointError: training diverged", out)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
@@ -109,9 +109,9 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     assert parent.info.status == "FINISHED" and "mlflow.parentRunId" not in parent.data.tags
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_point = {c.data.tags["sweep_point"]: c for c in children}
-    assert sorted(by_point) == ["01_lr=0.05", "02_lr=0.2", "03_lr=1.0e+20", "04_lr=0.1_augment_shift=2"]
+    assert sorted(by_point) == ["01_lr=0.05", "02_lr=1.0e+20", "03_lr=0.1_augment_shift=2"]
 
-    failed = by_point.pop("03_lr=1.0e+20")
+    failed = by_point.pop("02_lr=1.0e+20")
     assert failed.info.status == "FAILED" and "training diverged" in failed.data.tags["error"]
     assert failed.data.params["lr"] == "1e+20"
     sweep_dir = path / "sweeps" / "smoke"
@@ -130,16 +130,15 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
         assert evaluation.data.tags["stage"] == "evaluate" and evaluation.data.tags["training_run_id"] == run_id
         assert evaluation.data.metrics["test_accuracy"] == child.data.metrics["test_accuracy"]
         assert (sweep_dir / name / "executed" / "03_evaluate.ipynb").is_file()
-    assert (sweep_dir / "03_lr=1.0e+20" / "executed" / "02_train.ipynb").is_file()
-    assert by_point["04_lr=0.1_augment_shift=2"].data.params["augment_shift"] == "2"
+    assert (sweep_dir / "02_lr=1.0e+20" / "executed" / "02_train.ipynb").is_file()
+    assert by_point["03_lr=0.1_augment_shift=2"].data.params["augment_shift"] == "2"
     # The pipeline's own outputs are untouched.
-    assert not (path / "data" / "model" / "model.json").exists()
-    assert [metrics.read_text() for metrics in pipeline_metrics] == before
+    assert [output.read_text() for output in pipeline_outputs] == before
 
     with (sweep_dir / "summary.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    assert [row["status"] for row in rows] == ["FINISHED"] * 3 + ["FAILED"]
-    accuracies = [float(row["val_accuracy"]) for row in rows[:3]]
+    assert [row["status"] for row in rows] == ["FINISHED"] * 2 + ["FAILED"]
+    accuracies = [float(row["val_accuracy"]) for row in rows[:2]]
     assert accuracies == sorted(accuracies, reverse=True)
     assert list(rows[0])[:5] == ["point", "trial", "status", "lr", "augment_shift"]
     best = by_point[rows[0]["point"]]
@@ -164,15 +163,14 @@ def test_smoke_sweep_nests_runs_records_a_diverging_point_and_summarizes(project
     import optuna
 
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{sweep_dir / 'study.db'}")
-    assert len(study.trials) == 4
+    assert len(study.trials) == 3
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
-def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
+def test_dvc_queue_runs_a_grid_of_the_same_parameters(finished_project):
     """The DVC route: a queued grid over params/train.yaml, run by `dvc queue start`. Only the
-    train stage is queued (prepare is reproduced first) to keep this short."""
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
+    train stage is queued (on a finished pipeline) to keep this short."""
+    path, env = finished_project
     queued = run(["dvc", "exp", "run", "--queue", "train", "-S", "params/train.yaml:lr=0.05,0.2"], path, env)
     names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
     assert len(names) == 2, queued.stdout
@@ -195,7 +193,7 @@ def test_dvc_queue_runs_a_grid_of_the_same_parameters(project):
     # The experiments ran in temporary copies under .dvc/tmp/exps; their MLflow runs are in the project's store.
     client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mnist-lifecycle")
-    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train' and tags.runner != 'pipeline'")
     assert sorted(r.data.params["lr"] for r in runs if r.info.status == "FINISHED") == ["0.05", "0.2"]
     assert all(r.info.artifact_uri.startswith((path / "mlartifacts").as_uri()) for r in runs)
     # Each run's name says which experiment ran it (the prepare run is the pipeline's).

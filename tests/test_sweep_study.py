@@ -33,15 +33,14 @@ def _trial_processes(marker: str) -> list[int]:
     return found
 
 
-def test_two_workers_share_a_postgresql_study_and_one_killed_mid_trial_is_retried(project, tmp_path):
+def test_two_workers_share_a_postgresql_study_and_one_killed_mid_trial_is_retried(finished_project, tmp_path):
     """Two worker processes (two machines, as far as the study knows) on one grid in PostgreSQL:
     each point completes once; the worker killed with kill -9 mid-trial leaves no process and no
     MLflow run behind, and its trial is failed by heartbeat and run again by the other worker."""
     import optuna
     from optuna.trial import TrialState
 
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
+    path, env = finished_project  # after `dvc repro`
     grid = {"lr": [0.05, 0.2], "augment_shift": [0, 2]}
     sweep_file = write_sweep(path, "shared", {"fixed": SMOKE, "grid": grid})
     with postgres_cluster() as database:
@@ -117,14 +116,13 @@ def test_two_workers_share_a_postgresql_study_and_one_killed_mid_trial_is_retrie
     assert sorted(row["point"] for row in rows) == names and {row["status"] for row in rows} == {"FINISHED"}
 
 
-def test_search_with_a_median_pruner_prunes_losing_trials(project):
+def test_search_with_a_median_pruner_prunes_losing_trials(finished_project):
     """A seeded TPE search over a learning-rate range whose low end learns little: the notebook
     reports each epoch, the median pruner stops the losers; they show as pruned in MLflow."""
     import optuna
     from optuna.trial import TrialState
 
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
+    path, env = finished_project  # after `dvc repro`
     sweep_file = write_sweep(path, "search", {
         "fixed": {**SMOKE, "epochs": 2}, "search": {"lr": {"low": 1e-5, "high": 0.3, "log": True}},
         "trials": 6, "seed": 0, "pruner": "median"})

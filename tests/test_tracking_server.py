@@ -260,11 +260,10 @@ def use_s3_remote(path: Path, store: ObjectStore, url: str, env: dict[str, str])
     run(["dvc", "remote", "modify", "--local", "team", "endpointurl", store.endpoint], path, env)
 
 
-def test_s3_remote_faults_are_named_and_an_interrupted_push_completes(servers, project, tmp_path):
-    path, env = project
-    run(["dvc", "repro", "prepare"], path, env)
+def test_s3_remote_faults_are_named_and_an_interrupted_push_completes(servers, finished_project, tmp_path):
+    path, env = finished_project  # after `dvc repro`
     git(path, "add", "-A")
-    git(path, "commit", "-qm", "prepared")
+    git(path, "commit", "-qm", "pipeline")
     s3_env = {**env, **servers.store.env()}
     use_s3_remote(path, servers.store, "s3://dvc/faults", s3_env)
     push = ["python", "-m", "mnist_lifecycle.remote", "push"]
