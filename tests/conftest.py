@@ -25,9 +25,9 @@ SMOKE_TRAIN = {"epochs": 1, "max_train_samples": 3000, "width": 8, "batch_size":
 
 # `make test` spreads the tests over the cores one by one (pytest -n auto, the scheduler below), except
 # that the tests of a module that starts servers or trains models once for all of them stay in one
-# worker. xdist hands those modules out first (the most tests first); the other tests follow in this
-# order, longest first, so that the workers finish together, and those that copy the smoke pipeline
-# after a few that do not, while it builds.
+# worker. xdist hands those modules out first (the most tests first). The other tests follow: first
+# those that do not copy the smoke pipeline, while it builds, then those that do; each part longest
+# first, so that the workers finish together.
 MODULES_IN_ONE_WORKER = ("test_browser.py", "test_calibration.py", "test_promotion.py", "test_serving.py",
                          "test_tracking_server.py")
 LONGEST_FIRST = ("test_notebooks.py", "test_lineage.py", "test_sweep_study.py", "test_sweep.py",
@@ -36,7 +36,9 @@ LONGEST_FIRST = ("test_notebooks.py", "test_lineage.py", "test_sweep_study.py", 
 
 def pytest_collection_modifyitems(items):
     rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+    # Stable: tests keep their order within a module.
+    items.sort(key=lambda item: ("smoke_pipeline" in getattr(item, "fixturenames", ()),
+                                 rank.get(item.path.name, len(rank))))
 
 
 def pytest_xdist_make_scheduler(config, log):
