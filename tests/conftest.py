@@ -10,7 +10,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +49,13 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::")[0]
             return module if Path(module).name in MODULES_IN_ONE_WORKER else nodeid
+
+        def _reschedule(self, node) -> None:
+            # A worker holds the test it runs and the next one only (xdist's default: up to three),
+            # so that a free worker is not left idle while another holds several minutes of tests.
+            if self.workqueue and not node.shutting_down and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
 
     return ModulesWithFixturesTogether(config, log)
 
@@ -147,11 +153,15 @@ def project(tmp_path, mnist_source):
     return path, project_env(path, mnist_source)
 
 
-def build_smoke_pipeline(shared: Path, mnist_source: Path) -> Path:
-    """The shared smoke pipeline in `shared`, built by the first process to ask; the others wait."""
+def build_smoke_pipeline(shared: Path, mnist_source: Path, wait: bool = True) -> Path:
+    """The shared smoke pipeline in `shared`, built by the first process to ask; the others wait
+    for it (or, with `wait=False`, go on at once)."""
     template = shared / "smoke-pipeline"
     with (shared / "smoke-pipeline.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return template  # being built by another worker
         done = shared / "smoke-pipeline.done"
         if not done.exists():
             shutil.rmtree(template, ignore_errors=True)  # a failed attempt's
@@ -171,13 +181,13 @@ def shared_directory(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def start_smoke_pipeline(request, tmp_path_factory):
-    """Builds the smoke pipeline in the background from the session's first test on, if any test
-    needs it: the workers go on with other tests meanwhile."""
+    """If any test of the session needs the smoke pipeline, the first worker builds it before its
+    first test, at full speed, while the other workers go on with theirs: tests wait for it less
+    than if it were built in the background or by the first test that needs it."""
     if any("smoke_pipeline" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        arguments = (shared_directory(tmp_path_factory), request.getfixturevalue("mnist_source"))
-        # A failure here is raised again, with its output, by the first test that needs the pipeline.
-        threading.Thread(target=lambda: contextlib.suppress(Exception)(build_smoke_pipeline)(*arguments),
-                         daemon=True).start()
+        with contextlib.suppress(AssertionError):  # raised again, with its output, by the tests that need it
+            build_smoke_pipeline(shared_directory(tmp_path_factory), request.getfixturevalue("mnist_source"),
+                                 wait=False)
 
 
 @pytest.fixture(scope="session")
