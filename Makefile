@@ -69,7 +69,7 @@ $(VEGA)/vega-embed.min.js:
 test: setup
 	$(RUN) pytest -n auto
 
-# The unit tests only (no pipeline, no servers, no browser): about half a minute, for quick feedback.
+# The unit tests only (no pipeline, no servers, no browser): about 10 s, for quick feedback.
 FAST_TESTS = tests/test_config.py tests/test_data.py tests/test_model.py tests/test_outputs.py tests/test_environment.py
 test-fast: setup
 	$(RUN) pytest $(FAST_TESTS)

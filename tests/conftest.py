@@ -68,6 +68,17 @@ def smoke_params(**changes):
     return config.validate("train", {**values, **SMOKE_TRAIN, **changes})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    """Two torch threads for what the tests train and predict in this process, whatever the
+    machine's cores: some expected results (which of two seeds' models is significantly better,
+    which images fall below a confidence threshold) depend on the order of the arithmetic, which the
+    number of threads changes. They were measured with two."""
+    import torch
+
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(scope="session")
 def mnist_source() -> Path:
     """$MNIST_SOURCE_DIR, else MNIST downloaded once (as the prepare stage does) into a cache."""
