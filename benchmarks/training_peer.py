@@ -1,6 +1,7 @@
 """Training side by side with the fastest published small-CNN recipe for MNIST on a CPU.
 
     MNIST_SOURCE_DIR=../shared/data/mnist uv run python benchmarks/training_peer.py [--seeds 5] [--accurate 0 1 2] [--threads N]
+    ... --seeds 0 --accurate 0 --set lr=0.003    # a variant of the accurate preset
 
 The peer is tuomaso/train_mnist_fast, final notebook (8_Final_00s76.ipynb,
 https://github.com/tuomaso/train_mnist_fast), re-implemented from it: conv 1->24 5x5, max pool,
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--accurate", type=int, nargs="*", default=[], metavar="SEED",
                         help="also train the accurate preset with these seeds (minutes each)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="change a value of the accurate preset (repeatable), to try a variant of it")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's choice)")
     parser.add_argument("--out", default="training_peer.json", help="file name in benchmarks/results/")
     args = parser.parse_args()
@@ -147,7 +151,9 @@ def main() -> None:
             results["peer"].append(peer)
             results["project"].append(ours)
         if args.accurate:
-            accurate = presets.params(ROOT, "accurate")
+            changes = {name: yaml.safe_load(value) for name, _, value in (o.partition("=") for o in args.overrides)}
+            accurate = config.validate("train", {**config.as_dict(presets.params(ROOT, "accurate")), **changes},
+                                       source="--set")
             results["accurate_params"] = config.as_dict(accurate)
             results["accurate"] = []
             for seed in args.accurate:
