@@ -33,11 +33,14 @@ LONGEST_FIRST = ("test_notebooks.py", "test_lineage.py", "test_sweep_study.py", 
                  "test_reliability.py", "test_pipeline.py")
 
 
+def needs_smoke_pipeline(item) -> bool:
+    return "smoke_pipeline" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
     # Stable: tests keep their order within a module.
-    items.sort(key=lambda item: ("smoke_pipeline" in getattr(item, "fixturenames", ()),
-                                 rank.get(item.path.name, len(rank))))
+    items.sort(key=lambda item: (needs_smoke_pipeline(item), rank.get(item.path.name, len(rank))))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -156,11 +159,17 @@ def run(command: list[str], project: Path, env: dict[str, str], check: bool = Tr
     return result
 
 
+def smoke_project(destination: Path) -> Path:
+    """A copy of the project with the smoke training parameters."""
+    copy_project(destination)
+    set_params(destination, "train", **SMOKE_TRAIN)
+    return destination
+
+
 @pytest.fixture
 def project(tmp_path, mnist_source):
     """A fresh copy of the project with smoke training parameters; yields (path, env)."""
-    path = copy_project(tmp_path / "project")
-    set_params(path, "train", **SMOKE_TRAIN)
+    path = smoke_project(tmp_path / "project")
     return path, project_env(path, mnist_source)
 
 
@@ -176,9 +185,7 @@ def build_smoke_pipeline(shared: Path, mnist_source: Path, wait: bool = True) ->
         done = shared / "smoke-pipeline.done"
         if not done.exists():
             shutil.rmtree(template, ignore_errors=True)  # a failed attempt's
-            copy_project(template)
-            set_params(template, "train", **SMOKE_TRAIN)
-            run(["dvc", "repro"], template, project_env(template, mnist_source))
+            run(["dvc", "repro"], smoke_project(template), project_env(template, mnist_source))
             with sqlite3.connect(template / "mlflow.db") as store:  # the whole store in mlflow.db, for copying
                 store.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             done.touch()
@@ -195,7 +202,7 @@ def start_smoke_pipeline(request, tmp_path_factory):
     """If any test of the session needs the smoke pipeline, the first worker builds it before its
     first test, at full speed, while the other workers go on with theirs: tests wait for it less
     than if it were built in the background or by the first test that needs it."""
-    if any("smoke_pipeline" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    if any(needs_smoke_pipeline(item) for item in request.session.items):
         with contextlib.suppress(AssertionError):  # raised again, with its output, by the tests that need it
             build_smoke_pipeline(shared_directory(tmp_path_factory), request.getfixturevalue("mnist_source"),
                                  wait=False)
@@ -212,9 +219,8 @@ def smoke_pipeline(tmp_path_factory, mnist_source) -> Path:
 def copy_pipeline(template: Path, destination: Path) -> Path:
     """A copy of a project directory with its DVC cache and tracking store. MLflow records artifact
     locations as absolute file URIs (runs, logged models, model versions): they are moved to the copy."""
-    dvc_tmp = template / ".dvc" / "tmp"  # DVC's locks and indexes, for the template's path
-    shutil.copytree(template, destination, symlinks=True,
-                    ignore=lambda directory, names: ["tmp"] if Path(directory) == dvc_tmp.parent else [])
+    shutil.copytree(template, destination, symlinks=True)
+    shutil.rmtree(destination / ".dvc" / "tmp", ignore_errors=True)  # DVC's locks and indexes, for the template
     old, new = str(template), str(destination)
     with sqlite3.connect(destination / "mlflow.db") as store:
         tables = [name for (name,) in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]

@@ -1,6 +1,6 @@
 """Sweeps: checked before anything runs, nested MLflow runs, a failing point recorded and passed
-over, the summary, the resume; DVC's queued grid. A 4-point smoke sweep on real MNIST in a copy of
-the project. Studies shared by workers and pruning: test_sweep_study.py."""
+over, the summary, the resume; DVC's queued grid. A 3-point smoke sweep on real MNIST in a copy of
+the finished smoke pipeline. Studies shared by workers and pruning: test_sweep_study.py."""
 
 import csv
 import json
