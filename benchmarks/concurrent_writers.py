@@ -55,7 +55,8 @@ def writer_params(writer: int):
     from mnist_lifecycle import config
 
     return config.TrainParams(epochs=1, batch_size=64, lr=0.1, weight_decay=0.0, label_smoothing=0.0,
-                              augment_shift=0, width=8, dropout=0.0, seed=writer, max_train_samples=0)
+                              augment_shift=0, width=8, dropout=0.0, hidden=0, last_block_convs=1, seed=writer,
+                              max_train_samples=0)
 
 
 def run_writer(root: Path, writer: int, batch: str, steps: int, go, failures) -> None:

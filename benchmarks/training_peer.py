@@ -102,7 +102,7 @@ def project_run(prepared: Path, params: config.TrainParams) -> dict:
     """The train stage's computation: training.train as the notebook calls it, then the test accuracy."""
     splits = {s: [torch.from_numpy(a) for a in data.load_split(prepared, s)] for s in data.SPLITS}
     training.seed_everything(params.seed)
-    classifier = model.DigitClassifier(width=params.width, dropout=params.dropout)
+    classifier = model.DigitClassifier.of(params)
     started = time.perf_counter()
     training.train(classifier, *splits["train"], *splits["val"], params, progress=False)
     seconds = time.perf_counter() - started

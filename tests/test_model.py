@@ -35,6 +35,16 @@ def test_probability_model_outputs_distributions_for_any_batch_size():
         assert torch.allclose(out.sum(1), torch.ones(batch), atol=1e-5)
 
 
+def test_classifier_of_params_adds_the_accurate_layers_only_when_asked():
+    fast = model.DigitClassifier.of(smoke_params())
+    assert fast.state_dict().keys() == model.DigitClassifier(width=8).state_dict().keys()
+    accurate = model.DigitClassifier.of(smoke_params(hidden=32, last_block_convs=2, dropout=0.2))
+    convolutions = [m for m in accurate.features[2] if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convolutions] == [(16, 32), (32, 32)]
+    assert [m.out_features for m in accurate.head if isinstance(m, torch.nn.Linear)] == [32, 10]
+    assert accurate.eval()(torch.rand(3, 28, 28) * 255).shape == (3, 10)
+
+
 def test_random_shift_moves_content_within_bounds():
     images = torch.zeros(50, 28, 28)
     images[:, 14, 14] = 1.0
