@@ -52,11 +52,13 @@ def artifact_content(writer: int, batch: str) -> dict:
 
 
 def writer_params(writer: int):
+    """params/train.yaml at a small scale, one seed per writer: what each writer logs as its parameters."""
+    import dataclasses
+
     from mnist_lifecycle import config
 
-    return config.TrainParams(epochs=1, batch_size=64, lr=0.1, weight_decay=0.0, label_smoothing=0.0,
-                              augment_shift=0, width=8, dropout=0.0, hidden=0, last_block_convs=1, seed=writer,
-                              max_train_samples=0)
+    return dataclasses.replace(config.load(Path(__file__).resolve().parents[1], "train"), epochs=1, batch_size=64,
+                               lr=0.1, weight_decay=0.0, label_smoothing=0.0, width=8, seed=writer)
 
 
 def run_writer(root: Path, writer: int, batch: str, steps: int, go, failures) -> None:

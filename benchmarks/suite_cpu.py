@@ -77,7 +77,7 @@ def main() -> None:
     sampler = threading.Thread(target=sample, args=(seen, stop), daemon=True)
     sampler.start()
     time.sleep(0.5)
-    before = set(seen)  # running before the suite (this machine's own processes): not counted
+    before = set(seen.copy())  # this machine's own processes, not counted (a copy: the sampler adds meanwhile)
     started = time.time()
     status = subprocess.call([sys.executable, "-m", "pytest", "-n", "auto", "-q", "-p", "no:cacheprovider",
                               *sys.argv[1:]], cwd=ROOT)

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_lifecycle import config, data, model, presets, training  # noqa: E402
+from mnist_lifecycle import config, data, model, presets, stage, training  # noqa: E402
 
 
 class PeerNet(nn.Module):
@@ -151,7 +150,7 @@ def main() -> None:
             results["peer"].append(peer)
             results["project"].append(ours)
         if args.accurate:
-            changes = {name: yaml.safe_load(value) for name, _, value in (o.partition("=") for o in args.overrides)}
+            changes = dict(stage.parse_override(text) for text in args.overrides)
             accurate = config.validate("train", {**config.as_dict(presets.params(ROOT, "accurate")), **changes},
                                        source="--set")
             results["accurate_params"] = config.as_dict(accurate)

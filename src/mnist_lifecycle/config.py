@@ -120,7 +120,7 @@ class TrainParams:
     dropout: float = rule(number(0, 1, high_open=True))  # 1 would drop every feature
     # units of a hidden layer before the classifier; 0 = none, the features feed the classifier directly
     hidden: int = rule(integer(0, 4096))
-    # 3x3 convolutions in the last conv block (at 7x7, before its pooling): 2 is the accurate preset's
+    # 3x3 convolutions in the last conv block (at 7x7, before its pooling); 1 = the fast model
     last_block_convs: int = rule(integer(1, 4))
     seed: int = rule(SEEDS)
     max_train_samples: int = rule(integer(0, TRAIN_IMAGES))  # 0 = all; smoke runs train on a subset

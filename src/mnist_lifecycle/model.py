@@ -65,9 +65,9 @@ class DigitClassifier(nn.Module):
     Batch norm makes a high learning rate with a one-cycle schedule stable, which is what lets a
     net this small pass 99% test accuracy within a couple of epochs on a CPU. Weights are kept
     channels-last, the layout oneDNN's CPU convolutions and pooling are fastest in; channel counts
-    that are multiples of 8 fill its AVX2 vectors (width 12 costs as much as 16). The accurate
-    preset adds a convolution to the last block and a hidden layer to the head (`last_block_convs`,
-    `hidden`); the defaults are the fast model.
+    that are multiples of 8 fill its AVX2 vectors (width 12 costs as much as 16). Two parameters
+    make it larger, a second convolution in the last block (`last_block_convs`) and a hidden layer
+    in the head (`hidden`); their defaults are the fast model.
     """
 
     def __init__(self, width: int = 16, dropout: float = 0.0, hidden: int = 0, last_block_convs: int = 1):

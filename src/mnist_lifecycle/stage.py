@@ -198,7 +198,7 @@ def failure_message(stage: str, exc: BaseException, executed: Path) -> str | Non
     return None
 
 
-def _override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=config.STAGES)
     parser.add_argument("--quiet", action="store_true", help="do not stream the notebook's output")
-    parser.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
+    parser.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                         metavar="NAME=VALUE", help="override a parameter of params/<stage>.yaml (repeatable)")
     parser.add_argument("--output-dir", type=Path, help="write model/, evaluation/, executed/ and runs/ "
                                                         "here instead of data/ (a sweep point)")
