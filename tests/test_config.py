@@ -108,6 +108,7 @@ RULES = [
     ("train", "dropout", [-0.5, 1.0, float("inf")], [0.0, 0.5], "a finite number >= 0 and < 1"),
     ("train", "hidden", [-1, 4097], [0, 256, 4096], "an integer from 0 to 4,096"),
     ("train", "last_block_convs", [0, 5], [1, 2, 4], "an integer from 1 to 4"),
+    ("train", "precision", ["float16", "bf16", ""], ["float32", "bfloat16"], "float32 or bfloat16"),
     ("train", "seed", [-1, 2**32], [0, 2**32 - 1], "an integer from 0 to 4,294,967,295"),
     ("train", "max_train_samples", [-1, 60_001], [0, 3000, 60_000], "an integer from 0 to 60,000"),
     ("evaluate", "misclassified_shown", [-1, 10_001], [0, 10_000], "an integer from 0 to 10,000"),

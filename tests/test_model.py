@@ -56,22 +56,31 @@ def test_random_shift_moves_content_within_bounds():
     assert training.random_shift(images, 0, torch.Generator()) is images
 
 
-def small_run(prepared, seed):
+def small_run(prepared, seed, precision="float32"):
     images, labels = (torch.from_numpy(a[:2000]) for a in data.load_split(prepared, "train"))
     val_images, val_labels = (torch.from_numpy(a[:1000]) for a in data.load_split(prepared, "val"))
     training.seed_everything(seed)
     classifier = model.DigitClassifier(width=8)
     history = training.train(classifier, images, labels, val_images, val_labels,
-                             smoke_params(augment_shift=1, seed=seed), progress=False)
+                             smoke_params(augment_shift=1, seed=seed, precision=precision), progress=False)
     return classifier, history
 
 
-def test_training_learns_and_repeats_exactly(prepared):
-    first, history = small_run(prepared, seed=3)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_training_learns_and_repeats_exactly(prepared, precision):
+    first, history = small_run(prepared, seed=3, precision=precision)
     assert history[-1].val_accuracy > 0.8  # 2,000 images, one epoch: far above chance (0.1)
-    second, _ = small_run(prepared, seed=3)
+    second, _ = small_run(prepared, seed=3, precision=precision)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
+    # bfloat16 is the arithmetic of training only: what gets logged and served is float32.
+    assert {p.dtype for p in first.parameters()} == {torch.float32}
+
+
+def test_bfloat16_training_computes_in_bfloat16(prepared):
+    fp32, _ = small_run(prepared, seed=3)
+    bf16, _ = small_run(prepared, seed=3, precision="bfloat16")
+    assert not torch.equal(fp32.head[-1].weight, bf16.head[-1].weight)
 
 
 def test_diverging_training_stops_with_a_clear_error(prepared):

@@ -88,6 +88,7 @@ def rule(allowed: Rule) -> Any:
     return field(metadata={"rule": allowed})
 
 
+PRECISIONS = ("float32", "bfloat16")
 TRAIN_IMAGES = 60_000  # MNIST's training set, which prepare splits into train and validation
 TEST_IMAGES = 10_000
 SEEDS = integer(0, 2**32 - 1)  # what numpy's and torch's generators accept
@@ -122,6 +123,9 @@ class TrainParams:
     hidden: int = rule(integer(0, 4096))
     # 3x3 convolutions in the last conv block (at 7x7, before its pooling); 1 = the fast model
     last_block_convs: int = rule(integer(1, 4))
+    # arithmetic of training's forward and backward passes (the weights and the logged model stay
+    # float32): bfloat16 runs at ~1.6x the speed on CPUs with bfloat16 instructions (training.py)
+    precision: str = rule(Rule("float32 or bfloat16", lambda v: v in PRECISIONS))
     seed: int = rule(SEEDS)
     max_train_samples: int = rule(integer(0, TRAIN_IMAGES))  # 0 = all; smoke runs train on a subset
 

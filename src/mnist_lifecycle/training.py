@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,34 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     return padded[torch.arange(n)[:, None, None], rows, cols]
 
 
+def bfloat16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (natively on CPUs with AVX512-BF16 or AMX)."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def make_optimizer(model: DigitClassifier, params: TrainParams) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=params.lr, betas=(0.7, 0.9), weight_decay=params.weight_decay)
+
+
+def optimizer_step(model: DigitClassifier, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+                   labels: torch.Tensor, params: TrainParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a batch; returns the (float32) logits and the loss.
+
+    Autocast keeps the weights float32 and runs convolutions and matrix products in bfloat16 when
+    `params.precision` says so.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=params.precision == "bfloat16"):
+        logits = model(batch).float()
+    loss = F.cross_entropy(logits, labels, label_smoothing=params.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, loss
+
+
 @dataclass
 class EpochResult:
     epoch: int
@@ -62,19 +91,23 @@ def train(
 
     Adam with a short memory (betas 0.7, 0.9) and no momentum cycling, as in the fastest published
     MNIST recipe (tuomaso/train_mnist_fast), reaches 99% in one epoch where SGD with Nesterov
-    momentum needs two (benchmarks/README.md). `max_train_samples` and the model's width are the
-    caller's: it passes the images and the model.
+    momentum needs two (benchmarks/README.md). With `precision: bfloat16` the forward and backward
+    passes run in bfloat16 under autocast; the weights and the optimizer stay float32.
+    `max_train_samples` and the model's width are the caller's: it passes the images and the model.
     """
     epochs, batch_size, lr = params.epochs, params.batch_size, params.lr
     generator = torch.Generator().manual_seed(params.seed)
     images = train_images.to(torch.float32)
     labels = train_labels.to(torch.int64)
     steps_per_epoch = (len(images) + batch_size - 1) // batch_size
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=params.weight_decay)
+    optimizer = make_optimizer(model, params)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25,
         cycle_momentum=False,
     )
+    if params.precision == "bfloat16" and not bfloat16_supported():
+        warnings.warn("precision bfloat16: oneDNN has no bfloat16 kernels for this CPU (they need AVX-512 or "
+                      "AMX), so training falls back to slow ones; float32 will be faster here", stacklevel=2)
     history = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
@@ -86,11 +119,7 @@ def train(
         for step in batches:
             index = order[step * batch_size : (step + 1) * batch_size]
             batch = random_shift(images[index], params.augment_shift, generator)
-            logits = model(batch)
-            loss = F.cross_entropy(logits, labels[index], label_smoothing=params.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits, loss = optimizer_step(model, optimizer, batch, labels[index], params)
             schedule.step()
             batch_loss = loss.item()
             if not math.isfinite(batch_loss):
