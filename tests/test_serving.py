@@ -537,6 +537,33 @@ def test_parse_images_shapes_and_dtype():
     assert pixels.max() == 0.5
 
 
+def test_a_request_is_counted_before_its_last_bytes_reach_the_client():
+    """A client that holds its answer and then scrapes /metrics finds that request counted, exactly once."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from mnist_lifecycle import metrics
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    labels = {"route": metrics.route_label("/model"), "method": "GET", "status": "200"}
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("mnist_http_requests_total", labels) or 0.0
+
+    before, seen = count(), []
+
+    async def client(message):
+        seen.append((message["type"], count() - before))
+
+    asyncio.run(metrics.Instrumented(app)({"type": "http", "path": "/model", "method": "GET"}, None, client))
+    assert seen == [("http.response.start", 0), ("http.response.body", 1)]
+    assert count() - before == 1
+
+
 def test_schemathesis_finds_no_server_error_nor_schema_violation(server, tmp_path):
     """Every route of /openapi.json, generated requests valid and invalid (bounded: a fixed seed,
     a few dozen examples per operation), every check schemathesis has."""

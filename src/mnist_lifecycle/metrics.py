@@ -95,16 +95,25 @@ class Instrumented:
             return
         started = time.perf_counter()
         status = 500  # if the app fails before answering, uvicorn answers 500
+        recorded = False
+
+        def record():
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                route = route_label(scope["path"])
+                REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
+                LATENCY.labels(route=route).observe(time.perf_counter() - started)
 
         async def counting_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()  # before the last bytes leave: a client holding its answer finds it counted
             await send(message)
 
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            route = route_label(scope["path"])
-            REQUESTS.labels(route=route, method=scope["method"], status=str(status)).inc()
-            LATENCY.labels(route=route).observe(time.perf_counter() - started)
+            record()
