@@ -129,8 +129,11 @@ def raw_model(model_uri: str, images: np.ndarray, seconds: float) -> dict:
     unchecked.validate_inputs = False  # the graph's pre-hook that checks inputs against the export
     state = served.state_dict()
     width = state["classifier.features.0.0.weight"].shape[0]
-    eager = model_module.ProbabilityModel(model_module.DigitClassifier(width=width)).eval()
-    eager.load_state_dict(state)
+    # The temperature is a constant of the exported graph, not in its state dict; MLmodel records it
+    # (models logged before calibration have none: 1).
+    temperature = (pyfunc_model.metadata.metadata or {}).get("temperature", 1.0)
+    eager = model_module.ProbabilityModel(model_module.DigitClassifier(width=width), temperature).eval()
+    eager.load_state_dict({**state, "temperature": torch.tensor(temperature)})
     one = torch.from_numpy(images[:1].astype(np.float32))
     batch = torch.from_numpy(images[:256].astype(np.float32))
     with torch.inference_mode():
