@@ -124,6 +124,7 @@ SLOW_MACHINE = {"reference_seconds": 357.0, "budget_seconds": 600.0}
 def reference_run(prepared: Path, default: config.TrainParams, seed: int) -> dict:
     """The time of cf3263f's accurate preset, trained with its own SGD (the same model and loop)."""
     params = config.validate("train", {**config.as_dict(default), **REFERENCE, "seed": seed})
+
     def sgd(net, params):
         return torch.optim.SGD(net.parameters(), lr=params.lr, momentum=0.9, nesterov=True,
                                weight_decay=params.weight_decay)

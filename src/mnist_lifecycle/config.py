@@ -124,7 +124,7 @@ class TrainParams:
     # 3x3 convolutions in the last conv block (at 7x7, before its pooling); 1 = the fast model
     last_block_convs: int = rule(integer(1, 4))
     # arithmetic of training's forward and backward passes (the weights and the logged model stay
-    # float32): bfloat16 runs at ~1.6x the speed on CPUs with bfloat16 instructions (training.py)
+    # float32): bfloat16 runs at 1.6-2x the speed on CPUs with bfloat16 instructions (training.py)
     precision: str = rule(Rule("float32 or bfloat16", lambda v: v in PRECISIONS))
     seed: int = rule(SEEDS)
     max_train_samples: int = rule(integer(0, TRAIN_IMAGES))  # 0 = all; smoke runs train on a subset

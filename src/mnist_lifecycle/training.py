@@ -39,7 +39,8 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
 
 
 def bfloat16_supported() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions on this CPU (natively on CPUs with AVX512-BF16 or AMX)."""
+    """Whether oneDNN has bfloat16 kernels for this CPU: from AVX-512 on, fast only with bfloat16
+    instructions (AVX512-BF16 or AMX), emulated without."""
     try:
         return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
