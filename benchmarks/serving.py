@@ -127,13 +127,15 @@ def raw_model(model_uri: str, images: np.ndarray, seconds: float) -> dict:
     served = pyfunc_model.get_raw_model()
     unchecked = mlflow.pytorch.load_model(model_uri)
     unchecked.validate_inputs = False  # the graph's pre-hook that checks inputs against the export
-    state = served.state_dict()
-    width = state["classifier.features.0.0.weight"].shape[0]
-    # The temperature is a constant of the exported graph, not in its state dict; MLmodel records it
-    # (models logged before calibration have none: 1).
+    # The classifier the train run's parameters describe (runs before `hidden` and `last_block_convs`
+    # existed have neither: the defaults). The temperature is a constant of the exported graph, not in
+    # its state dict; MLmodel records it (models logged before calibration have none: 1).
+    logged = mlflow.get_run(pyfunc_model.metadata.run_id).data.params
+    shape = {name: type(default)(logged.get(name, default))
+             for name, default in (("width", 16), ("dropout", 0.0), ("hidden", 0), ("last_block_convs", 1))}
     temperature = (pyfunc_model.metadata.metadata or {}).get("temperature", 1.0)
-    eager = model_module.ProbabilityModel(model_module.DigitClassifier(width=width), temperature).eval()
-    eager.load_state_dict({**state, "temperature": torch.tensor(temperature)})
+    eager = model_module.ProbabilityModel(model_module.DigitClassifier(**shape), temperature).eval()
+    eager.load_state_dict({**served.state_dict(), "temperature": torch.tensor(temperature)})
     one = torch.from_numpy(images[:1].astype(np.float32))
     batch = torch.from_numpy(images[:256].astype(np.float32))
     with torch.inference_mode():

@@ -47,12 +47,12 @@ def milliseconds_per_step(params: config.TrainParams, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", type=stage.parse_override, default=[],
+                        metavar="NAME=VALUE")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    changes = {"hidden": 256, "last_block_convs": 2, **dict(stage.parse_override(t) for t in args.overrides)}
-    base = config.validate("train", {**config.as_dict(presets.params(ROOT, "accurate")), **changes}, source="--set")
+    base = presets.params(ROOT, "accurate", {"hidden": 256, "last_block_convs": 2, **dict(args.overrides)})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bfloat16 kernels: "
           f"{training.bfloat16_supported()}; {config.as_dict(base)}")
     times: dict[str, list[float]] = {precision: [] for precision in config.PRECISIONS}

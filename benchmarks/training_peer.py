@@ -144,7 +144,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--accurate", type=int, nargs="*", default=[], metavar="SEED",
                         help="also train the accurate preset with these seeds (minutes each)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--set", dest="overrides", action="append", type=stage.parse_override, default=[],
+                        metavar="NAME=VALUE",
                         help="change a value of the accurate preset (repeatable), to try a variant of it")
     parser.add_argument("--budget", action="store_true",
                         help="also time, with each accurate seed, the recipe goal 2's time budget is quoted for")
@@ -174,9 +175,7 @@ def main() -> None:
             results["peer"].append(peer)
             results["project"].append(ours)
         if args.accurate:
-            changes = dict(stage.parse_override(text) for text in args.overrides)
-            accurate = config.validate("train", {**config.as_dict(presets.params(ROOT, "accurate")), **changes},
-                                       source="--set")
+            accurate = presets.params(ROOT, "accurate", dict(args.overrides))
             results["accurate_params"] = config.as_dict(accurate)
             results["accurate"] = []
             for seed in args.accurate:

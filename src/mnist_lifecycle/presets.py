@@ -50,10 +50,12 @@ def changes(root: Path, name: str) -> dict[str, Any]:
     return values
 
 
-def params(root: Path, name: str) -> config.TrainParams:
-    """params/train.yaml with the preset's values over it, validated (messages name the preset)."""
+def params(root: Path, name: str, further: dict[str, Any] | None = None) -> config.TrainParams:
+    """params/train.yaml with the preset's values over it, then `further` changes (a variant of the
+    preset, e.g. `--set` in the benchmarks), validated (messages name the preset)."""
     base = config.as_dict(config.load(root, "train"))
-    return config.validate("train", {**base, **changes(root, name)}, str(preset_path(root, name).relative_to(root)))
+    return config.validate("train", {**base, **changes(root, name), **(further or {})},
+                           str(preset_path(root, name).relative_to(root)) + (" + --set" if further else ""))
 
 
 def set_arguments(root: Path, name: str) -> list[str]:
